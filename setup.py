@@ -1,0 +1,31 @@
+"""attrib_jax: data attribution for text-to-image diffusion models in JAX/Flax."""
+import setuptools
+
+setuptools.setup(
+    name="attrib_jax",
+    version="0.1.0",
+    description=("Which training images made this generated image? Attribution by "
+                 "unlearning, counterfactual evaluation and FastGDA in JAX/Flax."),
+    packages=setuptools.find_packages(include=["attrib_jax", "attrib_jax.*"]),
+    python_requires=">=3.11,<3.14",
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax",
+        "orbax-checkpoint",
+        "diffusers",
+        "tensorflow-datasets",
+        "importlib_resources",  # imported by tensorflow-datasets, not declared by it
+        "array-record",
+        "scann",
+        "absl-py",
+        "ml-collections",
+        "safetensors",
+        "numpy",
+        "pillow",
+    ],
+    extras_require={
+        # torch is the CPU wheel that lies on disk here; any other spec pulls a CUDA build.
+        "test": ["pytest", "torch==2.13.0", "transformers"],
+    },
+)
