@@ -23,6 +23,7 @@ setuptools.setup(
         "safetensors",
         "numpy",
         "pillow",
+        "regex",  # the CLIP tokenizer's pre-tokenisation pattern needs \p{L} classes
     ],
     extras_require={
         # torch is the CPU wheel that lies on disk here; any other spec pulls a CUDA build.

@@ -1,0 +1,92 @@
+"""The training loop: one readable run from arrays to a checkpointed model.
+
+mesh -> allowed rows -> state (fresh or restored) -> jitted sharded step -> progress, periodic
+sample grids, Orbax checkpoints. Interrupting and rerunning continues from the last checkpoint
+and ends with the same parameters as an uninterrupted run: batches are a pure function of the
+step (`input_pipeline`), the step's randomness a pure function of (seed, step).
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable, Iterable
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from attrib_jax import parallel
+from attrib_jax.training import input_pipeline
+from attrib_jax.training import trainer
+
+
+def _checkpoint_manager(directory: str, keep: int) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(os.path.abspath(directory),
+                               options=ocp.CheckpointManagerOptions(max_to_keep=keep))
+
+
+def train(*, arrays: dict, apply_fn: Callable, init_params: Any, schedule: Any,
+          workdir: str, num_steps: int, batch_size: int, learning_rate: float,
+          warmup_steps: int = 0, weight_decay: float = 0.0, grad_clip_norm: float | None = 1.0,
+          seed: int = 0, random_flip: bool = True, caption_dropout: float = 0.1,
+          ema_decay: float | None = None, excluded: Iterable[int] = (),
+          checkpoint_every: int = 500, keep_checkpoints: int = 2, log_every: int = 50,
+          sample_every: int = 0, sample_fn: Callable[[Any, int], None] | None = None,
+          mesh=None, stop_after: int | None = None,
+          log: Callable[[str], None] = print) -> trainer.TrainState:
+  """Trains on the allowed rows of `arrays` (see `attrib_jax.data.precompute`).
+
+  Args:
+    arrays: latents, text_states, num_captions, index, null_text_states.
+    apply_fn: `apply_fn(params, x_t, t, text_states) -> eps`.
+    init_params: parameters to start from (ignored when a checkpoint exists).
+    excluded: dataset indices never to read (leave-K-out retraining).
+    sample_fn: called as `sample_fn(params, step)` every `sample_every` steps (writes a grid).
+    stop_after: stop (with a checkpoint) after this many steps of *this* call: used by tests to
+      simulate an interruption.
+  Returns:
+    The final state (parameters at `num_steps`).
+  """
+  mesh = mesh or parallel.make_mesh()
+  if batch_size % mesh.size:
+    raise ValueError(f"batch_size {batch_size} is not divisible by {mesh.size} devices")
+  rows = input_pipeline.allowed_rows(np.asarray(arrays["index"]), excluded)
+  optimizer = trainer.make_optimizer(learning_rate, warmup_steps, weight_decay, grad_clip_norm)
+  step_fn = trainer.make_train_step(apply_fn, schedule, optimizer, random_flip=random_flip,
+                                    caption_dropout=caption_dropout, ema_decay=ema_decay,
+                                    mesh=mesh)
+  state = trainer.init_state(init_params, optimizer, seed, use_ema=ema_decay is not None)
+  manager = _checkpoint_manager(os.path.join(workdir, "checkpoints"), keep_checkpoints)
+  if manager.latest_step() is not None:
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    state = manager.restore(manager.latest_step(),
+                            args=ocp.args.StandardRestore(abstract))
+    log(f"train: resumed from step {int(state.step)} in {workdir}")
+  state = parallel.replicate(state, mesh)
+  null_states = parallel.replicate(np.asarray(arrays["null_text_states"]), mesh)
+  batch_arrays = {k: arrays[k] for k in ("latents", "text_states", "num_captions")}
+
+  first = int(state.step)
+  last = num_steps if stop_after is None else min(num_steps, first + stop_after)
+  log(f"train: {rows.size} items ({len(arrays['index']) - rows.size} excluded), steps "
+      f"{first}..{num_steps}, batch {batch_size}, {mesh.size} device(s)")
+  t0, losses = time.time(), []
+  for step in range(first, last):
+    batch = input_pipeline.gather(batch_arrays,
+                                  input_pipeline.batch_rows(rows, seed, step, batch_size))
+    state, metrics = step_fn(state, parallel.shard_batch(batch, mesh), null_states)
+    losses.append(metrics["loss"])
+    done = step + 1
+    if done % log_every == 0 or done == last:
+      rate = (done - first) / (time.time() - t0)
+      loss = float(np.mean(jax.device_get(losses)))
+      losses = []
+      log(f"train: step {done}/{num_steps} loss {loss:.4f} {rate:.2f} steps/s "
+          f"ETA {(num_steps - done) / rate:.0f}s")
+    if sample_fn is not None and sample_every and (done % sample_every == 0 or done == num_steps):
+      sample_fn(state.ema_params if state.ema_params is not None else state.params, done)
+    if done % checkpoint_every == 0 or done == last:
+      manager.save(done, args=ocp.args.StandardSave(state))
+  manager.wait_until_finished()
+  manager.close()
+  return state
