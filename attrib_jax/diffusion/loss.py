@@ -1,0 +1,52 @@
+"""The denoising loss L(z, θ) that training, the Fisher, unlearning and the loss sweep all share.
+
+Per example, not averaged over the batch: attribution compares the loss of each training item
+before and after an update, and the Fisher needs per-example gradients. The caller supplies the
+timesteps and the noise, so two evaluations can use exactly the same draws (common random
+numbers: the before/after difference of the loss sweep is meaningless without them).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax.numpy as jnp
+
+from attrib_jax.diffusion.schedules import NoiseSchedule, add_noise, velocity
+
+# apply_fn(params, x_t, t, text_states) -> the network's prediction, shaped like x_t.
+ApplyFn = Callable[[Any, jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
+
+
+def per_example_loss(apply_fn: ApplyFn, params: Any, x0: jnp.ndarray, text_states: jnp.ndarray,
+                     t: jnp.ndarray, noise: jnp.ndarray, *,
+                     schedule: NoiseSchedule) -> jnp.ndarray:
+  """Mean squared error of the network's prediction at x_t = add_noise(x0, noise, t); shape [B].
+
+  Args:
+    apply_fn: the denoiser, `apply_fn(params, x_t, t, text_states)`.
+    params: its parameters (the argument to differentiate).
+    x0: [B, ...] clean latents.
+    text_states: [B, L, D] text-encoder states of each example's caption.
+    t: [B] integer timesteps.
+    noise: [B, ...] standard normal noise, shaped like x0.
+    schedule: the noise schedule; its prediction_type picks the target (the noise for
+      "epsilon", the velocity for "v_prediction").
+
+  Returns:
+    [B] float32: the squared error averaged over every latent element of each example. The
+    error is squared and averaged in float32 even when the network computes in bf16, so the
+    tiny before/after loss differences of attribution are not lost to rounding.
+  """
+  t = jnp.asarray(t)
+  x_t = add_noise(schedule, x0, noise, t)
+  prediction = apply_fn(params, x_t, t, text_states).astype(jnp.float32)
+  if schedule.prediction_type == "epsilon":
+    target = noise.astype(jnp.float32)
+  elif schedule.prediction_type == "v_prediction":
+    target = velocity(schedule, x0, noise, t)
+  else:
+    raise ValueError(f"prediction_type {schedule.prediction_type!r} is not supported")
+  if prediction.shape != target.shape:
+    raise ValueError(f"apply_fn returned shape {prediction.shape}, expected {target.shape}")
+  squared_error = jnp.square(prediction - target)
+  return jnp.mean(squared_error.reshape(squared_error.shape[0], -1), axis=1)
