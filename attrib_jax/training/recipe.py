@@ -1,0 +1,219 @@
+"""From a config to a trained model directory: dataset -> text side -> precompute -> train.
+
+`run(config, workdir)` is what `launch/train.py` calls. Every stage leaves its result in the
+workdir and is skipped when that result is already there and made with the same settings, so
+a second run reuses the trained model and an interrupted one resumes:
+  workdir/tfds/           the TFDS dataset (array_record)
+  workdir/model/          the model directory (diffusers layout, see models/pipeline.py)
+  workdir/precomputed/    latents and text states (data/precompute.py)
+  workdir/train/          Orbax checkpoints and sample grids
+  workdir/model/DONE.json written last: the settings the finished model was trained with
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from attrib_jax import parallel
+from attrib_jax.data import precompute
+from attrib_jax.data import vocab
+from attrib_jax.models import clip_text
+from attrib_jax.models import pipeline as pipeline_lib
+from attrib_jax.models import tokenizer as tokenizer_lib
+from attrib_jax.models import unet as unet_lib
+from attrib_jax.models import vae as vae_lib
+from attrib_jax.training import loop
+from attrib_jax.visualize import save_image_grid
+
+
+class DatasetSource(NamedTuple):
+  num_items: int
+  get_items: Callable[[np.ndarray], tuple]  # rows -> (images uint8, captions, indices)
+  metadata: dict
+
+
+def fingerprint(tree: Any) -> str:
+  return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def open_dataset(config: ml_collections.ConfigDict, data_dir: str) -> DatasetSource:
+  """Builds (once) and opens the config's TFDS dataset for random access."""
+  kind = config.world.kind
+  if kind == "tiny_world":
+    from attrib_jax.data import tiny_world  # pylint: disable=g-import-not-at-top
+    w = config.world
+    builder = tiny_world.TinyWorld(data_dir=data_dir, config=tiny_world.config(
+        seed=w.seed, num_items=w.num_items, resolution=w.resolution, rare_count=w.rare_count))
+    metadata = lambda b: {"rare_concepts": tiny_world.rare_concepts_of(b)}
+  elif kind == "coco2017_captions":
+    from attrib_jax.data import coco  # pylint: disable=g-import-not-at-top
+    builder = coco.Coco2017Captions(data_dir=data_dir, config=coco.config(
+        resolution=config.world.resolution), manual_dir=config.world.manual_dir)
+    metadata = lambda b: {}
+  else:
+    raise ValueError(f"config.world.kind: unknown dataset {kind!r} "
+                     "(tiny_world, coco2017_captions)")
+  builder.download_and_prepare()
+  source = builder.as_data_source()["train"]
+  if len(source) == 0:
+    raise ValueError(f"The {kind} dataset in {data_dir} is empty")
+
+  def get_items(rows: np.ndarray):
+    records = [source[int(r)] for r in rows]
+    images = np.stack([np.asarray(r["image"]) for r in records])
+    captions = [[c.decode() if isinstance(c, bytes) else str(c) for c in r["captions"]]
+                for r in records]
+    return images, captions, np.asarray([int(r["index"]) for r in records])
+
+  return DatasetSource(len(source), get_items, metadata(builder))
+
+
+def _random_text_encoder(config, model_dir: str, source: DatasetSource) -> None:
+  """The tiny world's text side: BPE learned from the captions, a frozen random CLIP tower."""
+  captions = [c for start in range(0, source.num_items, 512)
+              for item in source.get_items(np.arange(start, min(start + 512,
+                                                                source.num_items)))[1]
+              for c in item]
+  vocab.write_tokenizer_files(os.path.join(model_dir, "tokenizer"), captions,
+                              config.tokenizer_max_length)
+  tok = tokenizer_lib.load_tokenizer(os.path.join(model_dir, "tokenizer"))
+  t = config.text_encoder
+  text_config = {"vocab_size": max(tok.vocab.values()) + 1, "hidden_size": t.hidden_size,
+                 "intermediate_size": t.intermediate_size,
+                 "num_hidden_layers": t.num_hidden_layers,
+                 "num_attention_heads": t.num_attention_heads,
+                 "max_position_embeddings": config.tokenizer_max_length,
+                 "hidden_act": t.hidden_act, "bos_token_id": tok.bos_token_id,
+                 "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+  _, params = clip_text.init_clip_text(text_config, jax.random.key(t.seed))
+  clip_text.save_clip_text(os.path.join(model_dir, "text_encoder"), params, text_config)
+
+
+def _copy_pretrained(config, model_dir: str) -> None:
+  """Real models: the text encoder, tokenizer and VAE are the user's local files."""
+  src = config.pretrained_dir
+  for name in ("text_encoder", "tokenizer", "vae"):
+    if not os.path.isdir(os.path.join(src, name)):
+      raise FileNotFoundError(f"config.pretrained_dir={src} has no {name}/ directory")
+    shutil.copytree(os.path.join(src, name), os.path.join(model_dir, name), dirs_exist_ok=True)
+
+
+def _encoders(config, model_dir: str):
+  """(encode_images, encode_text) for precompute."""
+  text, text_params, _ = clip_text.load_clip_text(os.path.join(model_dir, "text_encoder"))
+  tok = tokenizer_lib.load_tokenizer(os.path.join(model_dir, "tokenizer"))
+  encode_text = pipeline_lib.make_text_encoder_fn(text, text_params, tok)
+  if not os.path.isdir(os.path.join(model_dir, "vae")):
+    return (lambda images: images.astype(np.float32) / 127.5 - 1.0), encode_text
+  vae, vae_params, _ = vae_lib.load_vae(os.path.join(model_dir, "vae"))
+
+  @jax.jit
+  def encode(images, key):
+    x = images.astype(jnp.float32) / 127.5 - 1.0
+    posterior = vae.apply({"params": vae_params}, x, method=vae_lib.AutoencoderKL.encode)
+    return vae.config.scale_latents(posterior.sample(key))
+
+  calls = iter(range(1 << 62))  # each call a fresh, reproducible key
+
+  def encode_images(images):
+    return np.asarray(encode(images, jax.random.fold_in(jax.random.key(config.seed),
+                                                        next(calls))))
+  return encode_images, encode_text
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str, log=print):
+  """Dataset, text side and precomputed arrays; returns (source, arrays, model_dir)."""
+  model_dir = os.path.join(workdir, "model")
+  source = open_dataset(config, os.path.join(workdir, "tfds"))
+  if not os.path.exists(os.path.join(model_dir, "text_encoder", "config.json")):
+    os.makedirs(model_dir, exist_ok=True)
+    if config.world.kind == "tiny_world":
+      _random_text_encoder(config, model_dir, source)
+    else:
+      _copy_pretrained(config, model_dir)
+  pipeline_lib.save_scheduler(os.path.join(model_dir, "scheduler"), config.scheduler.to_dict())
+  pipeline_lib.save_model_index(model_dir,
+                                pixel_space=not os.path.isdir(os.path.join(model_dir, "vae")))
+  metadata_path = os.path.join(workdir, "dataset_metadata.json")
+  with open(metadata_path + ".tmp", "w") as f:
+    json.dump(source.metadata, f, indent=2)
+  os.replace(metadata_path + ".tmp", metadata_path)
+
+  encode_images, encode_text = _encoders(config, model_dir)
+  pre_dir = os.path.join(workdir, "precomputed")
+  precompute.precompute(
+      pre_dir, num_items=source.num_items, get_items=source.get_items,
+      encode_images=encode_images, encode_text=encode_text, num_captions=config.num_captions,
+      dtype=config.precompute_dtype,
+      fingerprint={"world": config.world.to_dict(), "text": config.text_encoder.to_dict()
+                   if "text_encoder" in config else None, "seed": config.seed}, log=log)
+  return source, precompute.load(pre_dir), model_dir
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, excluded=(), log=print) -> str:
+  """Trains the config's model in `workdir` (or reuses it); returns the model directory."""
+  model_dir = os.path.join(workdir, "model")
+  done_path = os.path.join(model_dir, "DONE.json")
+  settings = {"config": config.to_dict(), "excluded": sorted(int(i) for i in excluded)}
+  if os.path.exists(done_path):
+    with open(done_path) as f:
+      done = json.load(f)
+    if done["fingerprint"] == fingerprint(settings):
+      log(f"train: reusing the trained model in {model_dir}")
+      return model_dir
+    raise ValueError(f"{model_dir} holds a model trained with other settings; use another "
+                     "--workdir (or delete it)")
+  _, arrays, model_dir = prepare(config, workdir, log=log)
+
+  t = config.train
+  mesh = parallel.make_mesh(t.num_devices or None)
+  unet_config = dict(config.unet.to_dict())
+  unet, init_params = unet_lib.init_unet(unet_config, jax.random.key(config.seed))
+  apply_fn = lambda p, x, ts, c: unet.apply({"params": p}, x, ts, c)
+  schedule = pipeline_lib.schedules.NoiseSchedule.from_config(config.scheduler.to_dict())
+  sample_fn = None
+  if t.sample_every:
+    sample_fn = _grid_writer(config, model_dir, arrays, apply_fn, schedule, workdir)
+  state = loop.train(
+      arrays=arrays, apply_fn=apply_fn, init_params=init_params, schedule=schedule,
+      workdir=os.path.join(workdir, "train"), num_steps=t.num_steps, batch_size=t.batch_size,
+      learning_rate=t.learning_rate, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
+      grad_clip_norm=t.grad_clip_norm, seed=config.seed, random_flip=t.random_flip,
+      caption_dropout=t.caption_dropout, ema_decay=t.ema_decay, excluded=excluded,
+      checkpoint_every=t.checkpoint_every, log_every=t.log_every, sample_every=t.sample_every,
+      sample_fn=sample_fn, mesh=mesh, log=log)
+  params = state.ema_params if state.ema_params is not None else state.params
+  pipeline_lib.save_unet(os.path.join(model_dir, "unet"), jax.device_get(params), unet_config)
+  with open(done_path + ".tmp", "w") as f:
+    json.dump({"fingerprint": fingerprint(settings), "settings": settings}, f, indent=2)
+  os.replace(done_path + ".tmp", done_path)
+  log(f"train: model written to {model_dir}")
+  return model_dir
+
+
+def _grid_writer(config, model_dir, arrays, apply_fn, schedule, workdir):
+  """A sample grid of fixed prompts (the first caption of the first 8 items) as PNG."""
+  text_states = jnp.asarray(arrays["text_states"][:8, 0], jnp.float32)
+  null = jnp.asarray(arrays["null_text_states"], jnp.float32)[None]
+  shape = tuple(arrays["latents"].shape[2:])
+  g = config.generate
+
+  def write(params, step):
+    from attrib_jax.diffusion import sampling  # pylint: disable=g-import-not-at-top
+    latents = sampling.ddim_sample(schedule, apply_fn, params, text_states, null,
+                                   jax.random.key(g.seed), latent_shape=shape,
+                                   num_steps=g.num_steps, guidance_scale=g.guidance_scale)
+    images = np.asarray(jnp.clip(jnp.round((latents + 1) * 127.5), 0, 255)).astype(np.uint8)
+    if shape[-1] != 3:  # latent space: no decoder here, skip the grid
+      return
+    save_image_grid(os.path.join(workdir, "train", f"samples_{step:06d}.png"), images)
+
+  return write

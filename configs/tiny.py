@@ -1,0 +1,73 @@
+r"""The embedded default: a tiny text-to-image world, made, trained and sampled on 2 CPU cores.
+
+  python -m launch.train --config=configs/tiny.py --workdir=runs/tiny
+  python -m launch.generate --config=configs/tiny.py --workdir=runs/tiny
+  # seconds-long smoke variant (tests, CI):
+  python -m launch.train --config=configs/tiny.py:smoke --workdir=/tmp/smoke
+
+The world (`attrib_jax.data.tiny_world`) is procedurally generated from `world.seed`: coloured
+shapes with compositional captions and a few planted rare concepts.
+
+The model is pixel-space (no VAE: latents are the pixels scaled to [-1, 1]) and uses the same
+classes as the real models at tiny sizes: diffusers' UNet2DConditionModel layout, a CLIP text
+tower, a CLIP BPE tokenizer.
+
+How the text encoder is obtained: there is no pretrained CLIP here, so the tokenizer's BPE
+merges are *learned from the world's captions* (`attrib_jax.data.vocab`) and the CLIP text
+tower is *randomly initialised from `text_encoder.seed` and kept frozen*. A frozen random
+transformer still maps different prompts to different, fixed states (token and position
+embeddings pass through the residual stream); the UNet's cross-attention learns to read them.
+Both are saved in the model directory like any Stable Diffusion pipeline's.
+"""
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant = arg or "default"
+  if variant not in ("default", "smoke"):
+    raise ValueError(f"configs/tiny.py: unknown variant {variant!r} (default, smoke)")
+  smoke = variant == "smoke"
+  c = ml_collections.ConfigDict()
+  c.name = f"tiny-{variant}"
+  c.seed = 0
+
+  c.world = ml_collections.ConfigDict(dict(
+      kind="tiny_world", seed=0, num_items=64 if smoke else 1000,
+      resolution=16 if smoke else 32, rare_count=3 if smoke else 5))
+  c.precompute_dtype = "float32"
+  c.num_captions = 3                     # the tiny world writes 3 captions per item
+
+  c.tokenizer_max_length = 16
+  c.text_encoder = ml_collections.ConfigDict(dict(
+      seed=1, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+      num_attention_heads=4, hidden_act="quick_gelu"))
+
+  # diffusers UNet2DConditionModel config. No attention at full resolution: it costs most and
+  # buys little at 32 px.
+  c.unet = ml_collections.ConfigDict(dict(
+      sample_size=16 if smoke else 32, in_channels=3, out_channels=3, layers_per_block=1,
+      block_out_channels=(16, 32) if smoke else (32, 64, 64),
+      down_block_types=(("DownBlock2D", "CrossAttnDownBlock2D") if smoke else
+                        ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")),
+      up_block_types=(("CrossAttnUpBlock2D", "UpBlock2D") if smoke else
+                      ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
+      attention_head_dim=8, cross_attention_dim=64, norm_num_groups=8))
+
+  # The MSCOCO model's schedule (SPEC §1): DDPM, 1000 steps, linear betas.
+  c.scheduler = ml_collections.ConfigDict(dict(
+      _class_name="DDPMScheduler", num_train_timesteps=1000, beta_schedule="linear",
+      beta_start=1e-4, beta_end=0.02, prediction_type="epsilon", clip_sample=False))
+
+  c.train = ml_collections.ConfigDict(dict(
+      batch_size=16 if smoke else 64, num_steps=6 if smoke else 2000, learning_rate=1e-3,
+      warmup_steps=2 if smoke else 100, weight_decay=0.0, grad_clip_norm=1.0,
+      random_flip=False,       # captions name left/right positions: a flip would contradict them
+      caption_dropout=0.1, ema_decay=None if smoke else 0.999,
+      checkpoint_every=3 if smoke else 250, log_every=2 if smoke else 50,
+      sample_every=0 if smoke else 500, num_devices=0))  # 0: every device
+
+  c.generate = ml_collections.ConfigDict(dict(
+      sampler="ddim", num_steps=10 if smoke else 50, guidance_scale=3.0, eta=0.0, seed=0,
+      batch_size=16, queries_per_rare_concept=1 if smoke else 2,
+      num_common_queries=2 if smoke else 10))
+  return c
