@@ -44,8 +44,11 @@ class Pipeline(NamedTuple):
 
   @property
   def latent_shape(self) -> tuple[int, int, int]:
-    c = self.unet.config
-    return (c.sample_size, c.sample_size, c.in_channels)
+    size = self.configs["unet"].get("sample_size")
+    if not size:
+      raise ValueError("the UNet config has no sample_size: cannot tell the latent shape")
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return (*size, self.unet.config.in_channels)
 
 
 def _component(directory: str, name: str) -> str:

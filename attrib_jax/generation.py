@@ -1,0 +1,121 @@
+"""Generating queries, and the query format that attribution reads.
+
+A query directory holds one generated image and everything needed to attribute it:
+  image.png         the decoded image
+  latent.npy        the final denoised latent [h, w, c] (what AbU unlearns; for pixel-space
+                    models, the pixels in [-1, 1])
+  text_states.npy   the prompt's text-encoder states [L, D]
+  query.json        prompt, seed, sampler settings, model directory, and optional ground truth
+A query can also be made from any image + prompt (`query_from_image`), e.g. a real photo.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from attrib_jax.diffusion import sampling
+from attrib_jax.models import pipeline as pipeline_lib
+from attrib_jax.models import vae as vae_lib
+
+
+class Query(NamedTuple):
+  latent: np.ndarray        # [h, w, c] float32
+  text_states: np.ndarray   # [L, D] float32
+  image: np.ndarray         # uint8 [H, W, 3]
+  info: dict                # prompt, seed, ...
+
+
+def generate(pipe: pipeline_lib.Pipeline, prompts: Sequence[str], seeds: Sequence[int], *,
+             sampler: str = "ddim", num_steps: int = 50, guidance_scale: float = 7.5,
+             eta: float = 0.0, batch_size: int = 16) -> list[Query]:
+  """One image per (prompt, seed); image i depends only on (prompt i, seed i), not on batching:
+  each query is sampled with its own key, vmapped over the batch."""
+  if len(prompts) != len(seeds):
+    raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+  if sampler not in ("ddim", "ddpm"):
+    raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+  encode = pipeline_lib.make_text_encoder_fn(pipe.text_encoder, pipe.text_params, pipe.tokenizer)
+  null = jnp.asarray(encode([""]))
+  states = encode(list(prompts))
+  settings = dict(latent_shape=pipe.latent_shape, num_steps=num_steps,
+                  guidance_scale=guidance_scale)
+
+  def one(text_states, seed):
+    key = jax.random.key(seed)
+    if sampler == "ddim":
+      x = sampling.ddim_sample(pipe.schedule, pipe.apply_unet, pipe.unet_params,
+                               text_states[None], null, key, eta=eta, **settings)
+    else:
+      x = sampling.ddpm_sample(pipe.schedule, pipe.apply_unet, pipe.unet_params,
+                               text_states[None], null, key, **settings)
+    return x[0]
+
+  batched = jax.jit(jax.vmap(one))
+  queries = []
+  for start in range(0, len(prompts), batch_size):
+    chunk = slice(start, start + batch_size)
+    latents = batched(jnp.asarray(states[chunk]), jnp.asarray(seeds[chunk], jnp.uint32))
+    images = pipeline_lib.latents_to_images(pipe, latents)
+    for i, (latent, image) in enumerate(zip(np.asarray(latents), images)):
+      k = start + i
+      queries.append(Query(latent, states[k], image, {
+          "prompt": prompts[k], "seed": int(seeds[k]), "sampler": sampler,
+          "num_steps": num_steps, "guidance_scale": guidance_scale, "eta": eta}))
+  return queries
+
+
+def query_from_image(pipe: pipeline_lib.Pipeline, image: np.ndarray, prompt: str,
+                     seed: int = 0) -> Query:
+  """A query from an existing image and its prompt (the latent is a keyed VAE sample)."""
+  image = np.asarray(image)
+  shape = pipe.latent_shape
+  x = jnp.asarray(image, jnp.float32)[None] / 127.5 - 1.0
+  if pipe.vae is None:
+    latent = x[0]
+  else:
+    posterior = pipe.vae.apply({"params": pipe.vae_params}, x,
+                               method=vae_lib.AutoencoderKL.encode)
+    latent = pipe.vae.config.scale_latents(posterior.sample(jax.random.key(seed)))[0]
+  if tuple(latent.shape) != tuple(shape):
+    raise ValueError(f"image {image.shape} gives a latent {tuple(latent.shape)}, the model "
+                     f"wants {shape}: resize the image to the model's resolution")
+  encode = pipeline_lib.make_text_encoder_fn(pipe.text_encoder, pipe.text_params, pipe.tokenizer)
+  return Query(np.asarray(latent), encode([prompt])[0], image,
+               {"prompt": prompt, "seed": seed, "source": "image"})
+
+
+def save_query(directory: str, query: Query, extra: dict[str, Any] | None = None) -> None:
+  """Writes a query directory; query.json goes last, so its presence means complete."""
+  os.makedirs(directory, exist_ok=True)
+  Image.fromarray(query.image).save(os.path.join(directory, "image.png"))
+  np.save(os.path.join(directory, "latent.npy"), query.latent.astype(np.float32))
+  np.save(os.path.join(directory, "text_states.npy"), query.text_states.astype(np.float32))
+  tmp = os.path.join(directory, "query.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump(dict(query.info, **(extra or {})), f, indent=2)
+  os.replace(tmp, os.path.join(directory, "query.json"))
+
+
+def load_query(directory: str) -> Query:
+  path = os.path.join(directory, "query.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{directory} is not a complete query (query.json missing)")
+  with open(path) as f:
+    info = json.load(f)
+  return Query(np.load(os.path.join(directory, "latent.npy")),
+               np.load(os.path.join(directory, "text_states.npy")),
+               np.asarray(Image.open(os.path.join(directory, "image.png")).convert("RGB")), info)
+
+
+def list_queries(root: str) -> list[str]:
+  """Complete query directories under root, sorted by name."""
+  if not os.path.isdir(root):
+    return []
+  return sorted(os.path.join(root, d) for d in os.listdir(root)
+                if os.path.exists(os.path.join(root, d, "query.json")))

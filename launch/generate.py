@@ -1,0 +1,81 @@
+r"""Generates queries from a trained model: images plus everything attribution needs.
+
+  python -m launch.generate --config=configs/tiny.py --workdir=runs/tiny
+
+Reads workdir/model (from launch.train), writes workdir/queries/<name>/ (see
+attrib_jax/generation.py for the format) and workdir/queries/overview.png. For the tiny world,
+the queries are prompts of each planted rare concept (with their ground-truth training items)
+and prompts of fresh scenes. Existing complete queries are kept.
+"""
+import json
+import os
+
+from absl import app
+from absl import flags
+import numpy as np
+from ml_collections import config_flags
+
+from attrib_jax import generation
+from attrib_jax import visualize
+from attrib_jax.models import pipeline as pipeline_lib
+from launch import common
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
+_PROMPTS = flags.DEFINE_multi_string("prompt", [], "Prompts to generate instead of the "
+                                     "config's query set.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def query_plan(config, workdir: str) -> list[tuple[str, str, int, dict]]:
+  """(name, prompt, seed, ground truth) of every query of the config."""
+  g = config.generate
+  if _PROMPTS.value:
+    return [(f"prompt{i:03d}", p, g.seed + i, {}) for i, p in enumerate(_PROMPTS.value)]
+  plan = []
+  if config.world.kind == "tiny_world":
+    from attrib_jax.data import tiny_world  # pylint: disable=g-import-not-at-top
+    with open(os.path.join(workdir, "dataset_metadata.json")) as f:
+      rare = json.load(f)["rare_concepts"]
+    for name, concept in rare.items():
+      for k in range(g.queries_per_rare_concept):
+        prompt = concept["prompts"][k % len(concept["prompts"])]
+        plan.append((f"rare_{name}_{k}", prompt, g.seed + len(plan),
+                     {"concept": name, "influential_indices": concept["indices"]}))
+    rng = np.random.default_rng([g.seed, 7])
+    for k in range(g.num_common_queries):
+      scene = tiny_world.sample_scene(rng)
+      plan.append((f"common_{k:03d}", tiny_world.caption_scene(scene)[0], g.seed + len(plan),
+                   {"scene": scene}))
+  return plan
+
+
+def main(argv):
+  del argv
+  common.start()
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  model_dir = os.path.join(workdir, "model")
+  if not os.path.exists(os.path.join(model_dir, "DONE.json")):
+    raise FileNotFoundError(f"No trained model in {model_dir}: run launch.train first")
+  pipe = pipeline_lib.load_pipeline(model_dir)
+  root = os.path.join(workdir, "queries")
+  plan = [q for q in query_plan(config, workdir)
+          if not os.path.exists(os.path.join(root, q[0], "query.json"))]
+  g = config.generate
+  common.log(f"generate: {len(plan)} queries to make with {g.sampler}, {g.num_steps} steps")
+  if plan:
+    queries = generation.generate(pipe, [p for _, p, _, _ in plan], [s for _, _, s, _ in plan],
+                                  sampler=g.sampler, num_steps=g.num_steps,
+                                  guidance_scale=g.guidance_scale, eta=g.eta,
+                                  batch_size=g.batch_size)
+    for (name, _, _, truth), query in zip(plan, queries):
+      generation.save_query(os.path.join(root, name), query,
+                            dict(truth, model_dir=os.path.abspath(model_dir)))
+  done = [generation.load_query(d) for d in generation.list_queries(root)]
+  visualize.save_image_grid(os.path.join(root, "overview.png"), np.stack([q.image for q in done]),
+                            [q.info["prompt"] for q in done], columns=6, scale=6)
+  common.log(f"generate: {len(done)} queries in {root} (overview.png shows them)")
+
+
+if __name__ == "__main__":
+  app.run(main)
