@@ -45,6 +45,8 @@ def make_optimizer(learning_rate: float, warmup_steps: int, weight_decay: float,
 
 def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int,
                use_ema: bool) -> TrainState:
+  # A copy: the jitted step donates the state, which must not delete the caller's arrays.
+  params = jax.tree.map(jnp.copy, params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=optimizer.init(params),
                     ema_params=jax.tree.map(jnp.copy, params) if use_ema else None,
@@ -101,7 +103,7 @@ def make_train_step(apply_fn: Callable, schedule: Any, optimizer: optax.Gradient
       ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               ema_params=ema)
-    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
   if mesh is None:
     return jax.jit(step, donate_argnums=0)

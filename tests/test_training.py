@@ -1,0 +1,117 @@
+"""Training: sharded == unsharded, interrupted + resumed == uninterrupted, exclusions never read."""
+import jax
+import numpy as np
+import pytest
+
+from attrib_jax import parallel
+from attrib_jax.diffusion import NoiseSchedule
+from attrib_jax.models import unet as unet_lib
+from attrib_jax.training import input_pipeline
+from attrib_jax.training import loop
+from attrib_jax.training import trainer
+
+UNET = dict(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+            block_out_channels=(8, 16), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=4,
+            cross_attention_dim=8, norm_num_groups=4)
+SCHEDULE = NoiseSchedule.from_config({"_class_name": "DDPMScheduler", "num_train_timesteps": 100,
+                                      "beta_schedule": "linear"})
+
+
+def _arrays(n=24, rng=np.random.default_rng(0)):
+  return {"latents": rng.normal(size=(n, 2, 8, 8, 3)).astype(np.float32),
+          "text_states": rng.normal(size=(n, 2, 4, 8)).astype(np.float32),
+          "num_captions": rng.integers(1, 3, size=n).astype(np.int32),
+          "index": np.arange(100, 100 + n), "null_text_states": np.zeros((4, 8), np.float32)}
+
+
+@pytest.fixture(scope="module")
+def model():
+  module, params = unet_lib.init_unet(UNET, jax.random.key(0))
+  return (lambda p, x, t, c: module.apply({"params": p}, x, t, c)), params
+
+
+def _max_diff(a, b):
+  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_sharded_step_equals_unsharded(model):
+  apply_fn, params = model
+  arrays = _arrays()
+  batch = input_pipeline.gather({k: arrays[k] for k in ("latents", "text_states", "num_captions")},
+                                np.arange(16))
+  optimizer = trainer.make_optimizer(1e-2, 0, 0.01)
+  results = []
+  for mesh in (None, parallel.make_mesh(8)):
+    state = trainer.init_state(params, optimizer, seed=3, use_ema=True)
+    step = trainer.make_train_step(apply_fn, SCHEDULE, optimizer, ema_decay=0.9, mesh=mesh)
+    data = batch if mesh is None else parallel.shard_batch(batch, mesh)
+    for _ in range(2):
+      state, metrics = step(state, data, arrays["null_text_states"])
+    results.append(jax.device_get(state))
+  assert _max_diff(results[0].params, params) > 1e-4  # the step did move the weights
+  assert _max_diff(results[0].params, results[1].params) <= 1e-5
+  assert _max_diff(results[0].ema_params, results[1].ema_params) <= 1e-5
+
+
+def test_resume_equals_uninterrupted(model, tmp_path):
+  apply_fn, params = model
+  kwargs = dict(arrays=_arrays(), apply_fn=apply_fn, init_params=params, schedule=SCHEDULE,
+                num_steps=6, batch_size=8, learning_rate=1e-2, seed=1, checkpoint_every=2,
+                log=lambda _: None, mesh=parallel.make_mesh(2))
+  full = loop.train(workdir=str(tmp_path / "full"), **kwargs)
+  loop.train(workdir=str(tmp_path / "cut"), stop_after=3, **kwargs)   # "interrupted" at 3
+  resumed = loop.train(workdir=str(tmp_path / "cut"), **kwargs)
+  assert int(resumed.step) == 6
+  assert _max_diff(full.params, resumed.params) == 0.0
+  assert _max_diff(full.opt_state, resumed.opt_state) == 0.0
+
+
+class _Spy:
+  """An array that records which rows were read."""
+
+  def __init__(self, array):
+    self.array, self.rows = array, set()
+    self.shape = array.shape
+
+  def __getitem__(self, rows):
+    self.rows.update(np.atleast_1d(np.arange(len(self.array))[rows]).tolist())
+    return self.array[rows]
+
+  def __len__(self):
+    return len(self.array)
+
+
+def test_excluded_items_are_never_read(model, tmp_path):
+  apply_fn, params = model
+  arrays = _arrays()
+  spies = {k: _Spy(arrays[k]) for k in ("latents", "text_states", "num_captions")}
+  excluded = [100, 105, 117, 123]          # dataset indices, i.e. rows 0, 5, 17, 23
+  loop.train(arrays=dict(arrays, **spies), apply_fn=apply_fn, init_params=params,
+             schedule=SCHEDULE, workdir=str(tmp_path), num_steps=8, batch_size=8,
+             learning_rate=1e-3, excluded=excluded, log=lambda _: None,
+             mesh=parallel.make_mesh(1))
+  for spy in spies.values():
+    assert spy.rows == set(range(24)) - {0, 5, 17, 23}   # 8 steps x 8 = 64 > 20: all others read
+
+
+def test_batches_are_a_function_of_the_step():
+  rows = input_pipeline.allowed_rows(np.arange(10), excluded=[3])
+  stream = np.concatenate([input_pipeline.batch_rows(rows, 0, s, 4) for s in range(9)])
+  for epoch in range(3):  # 36 draws = 4 full epochs of 9: each a permutation of the allowed rows
+    assert sorted(stream[epoch * 9:(epoch + 1) * 9]) == sorted(rows)
+  np.testing.assert_array_equal(input_pipeline.batch_rows(rows, 0, 5, 4), stream[20:24])
+  with pytest.raises(ValueError, match="not in the dataset: \\[42\\]"):
+    input_pipeline.allowed_rows(np.arange(10), excluded=[42])
+  with pytest.raises(ValueError, match="Every training item is excluded"):
+    input_pipeline.allowed_rows(np.arange(2), excluded=[0, 1])
+
+
+def test_excluded_file(tmp_path):
+  path = tmp_path / "excluded.txt"
+  path.write_text("# top-10 of query 3\n5\n\n7  # why\n")
+  np.testing.assert_array_equal(input_pipeline.read_excluded_file(str(path)), [5, 7])
+  path.write_text("5\nfive\n")
+  with pytest.raises(ValueError, match="excluded.txt:2: not an integer"):
+    input_pipeline.read_excluded_file(str(path))
