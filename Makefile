@@ -16,3 +16,13 @@ test: install
 	$(PY) -m pytest -q tests
 
 .PHONY: install test
+
+# The main job on the embedded default (configs/tiny.py). WORKDIR=... to put it elsewhere.
+WORKDIR ?= runs/tiny
+CONFIG ?= configs/tiny.py
+demo: install
+	$(PY) -m launch.train --config=$(CONFIG) --workdir=$(WORKDIR)
+	$(PY) -m launch.generate --config=$(CONFIG) --workdir=$(WORKDIR)
+	@echo "Results in $(WORKDIR): model/, train/samples_*.png, queries/overview.png"
+
+.PHONY: demo
