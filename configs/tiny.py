@@ -70,4 +70,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       sampler="ddim", num_steps=10 if smoke else 50, guidance_scale=3.0, eta=0.0, seed=0,
       batch_size=16, queries_per_rare_concept=1 if smoke else 2,
       num_common_queries=2 if smoke else 10))
+
+  # Attribution by Unlearning (attrib_jax/attribution). The MSCOCO settings of SPEC §2 scaled
+  # to a 1,000-item world: α, one step and the cross-attention K/V selection are the paper's;
+  # fewer Fisher epochs, draws and timesteps keep a query to about a minute on 2 cores.
+  c.attribution = ml_collections.ConfigDict(dict(
+      fisher=dict(selection="cross-attn-kv", num_epochs=1 if smoke else 2, batch_size=32,
+                  seed=0),
+      unlearn=dict(alpha=0.01, num_steps=1, num_draws=160 if smoke else 2000,
+                   draws_per_batch=80, micro_batch=80, seed=0, selection="cross-attn-kv"),
+      # Flips are off in training (captions name positions), so only the unflipped view.
+      sweep=dict(timesteps=tuple(range(0, 1000, 200 if smoke else 100)), num_captions=3,
+                 flips=(0,), seed=0, method="cached", items_per_device=8)))
+  c.attribution_top_k = 10
   return c

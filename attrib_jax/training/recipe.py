@@ -24,6 +24,7 @@ import numpy as np
 
 from attrib_jax import parallel
 from attrib_jax.data import precompute
+from attrib_jax.data import reader
 from attrib_jax.data import vocab
 from attrib_jax.models import clip_text
 from attrib_jax.models import pipeline as pipeline_lib
@@ -36,7 +37,7 @@ from attrib_jax.visualize import save_image_grid
 
 class DatasetSource(NamedTuple):
   num_items: int
-  get_items: Callable[[np.ndarray], tuple]  # rows -> (images uint8, captions, indices)
+  get_items: Callable[[np.ndarray], tuple]  # indices -> (images uint8, captions, indices)
   metadata: dict
 
 
@@ -62,16 +63,15 @@ def open_dataset(config: ml_collections.ConfigDict, data_dir: str) -> DatasetSou
     raise ValueError(f"config.world.kind: unknown dataset {kind!r} "
                      "(tiny_world, coco2017_captions)")
   builder.download_and_prepare()
-  source = builder.as_data_source()["train"]
+  source = reader.load_split(builder)   # random access by the items' stable `index`
   if len(source) == 0:
     raise ValueError(f"The {kind} dataset in {data_dir} is empty")
 
-  def get_items(rows: np.ndarray):
-    records = [source[int(r)] for r in rows]
+  def get_items(indices: np.ndarray):
+    records = source.get_many(indices)
     images = np.stack([np.asarray(r["image"]) for r in records])
-    captions = [[c.decode() if isinstance(c, bytes) else str(c) for c in r["captions"]]
-                for r in records]
-    return images, captions, np.asarray([int(r["index"]) for r in records])
+    return images, [list(r["captions"]) for r in records], np.asarray(
+        [int(r["index"]) for r in records])
 
   return DatasetSource(len(source), get_items, metadata(builder))
 

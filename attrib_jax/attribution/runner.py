@@ -1,0 +1,169 @@
+"""AbU over query directories: the Fisher and the pre losses once per model, then per query
+unlearn -> sweep -> scores -> result files and pictures. What `launch/attribute.py` calls.
+
+Everything lands under `out_dir` and is reused when present with the same fingerprint:
+  fisher.npz, pre_losses.npz     once per (model, settings)
+  <query>/result.npz|json        scores, ranking, settings, model fingerprint (atomic)
+  <query>/topk.png               the query beside its top-k with scores
+  report.html, summary.json      every query, and recall of the ground truth where known
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from attrib_jax import generation
+from attrib_jax.attribution import fisher as fisher_lib
+from attrib_jax.attribution import report
+from attrib_jax.attribution import scores as scores_lib
+from attrib_jax.attribution import sweep as sweep_lib
+from attrib_jax.attribution import unlearn as unlearn_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class AbUSettings:
+  fisher: fisher_lib.FisherSettings
+  unlearn: unlearn_lib.UnlearnSettings
+  sweep: sweep_lib.SweepSettings
+
+  @classmethod
+  def from_config(cls, c: Mapping[str, Any]) -> "AbUSettings":
+    """From a config's `attribution` block (unknown keys are an error, by the dataclasses)."""
+    c = dict(c)
+    sweep = dict(c["sweep"])
+    for key in ("timesteps", "flips"):
+      if key in sweep:
+        sweep[key] = tuple(sweep[key])
+    return cls(fisher_lib.FisherSettings(**dict(c["fisher"])),
+               unlearn_lib.UnlearnSettings(**dict(c["unlearn"])),
+               sweep_lib.SweepSettings(**sweep))
+
+
+class AbU:
+  """Attribution by Unlearning for one trained model and its precomputed training set."""
+
+  def __init__(self, apply_fn: Callable, params: Any, arrays: Mapping[str, Any], schedule,
+               settings: AbUSettings, out_dir: str, *, mesh=None,
+               log: Callable[[str], None] = print):
+    self.apply_fn, self.params, self.arrays, self.schedule = apply_fn, params, arrays, schedule
+    self.settings, self.out_dir, self.mesh, self.log = settings, out_dir, mesh, log
+    self.index = np.asarray(arrays["index"]).astype(np.int64)
+    self.model_fingerprint = scores_lib.params_fingerprint(params)
+    os.makedirs(out_dir, exist_ok=True)
+    self._fisher = self._pre = None
+
+  def _progress(self, p: scores_lib.Progress) -> None:
+    self.log(str(p))
+
+  @property
+  def fisher(self) -> fisher_lib.Fisher:
+    if self._fisher is None:
+      path = os.path.join(self.out_dir, "fisher.npz")
+      expected = fisher_lib.expected_fingerprint(self.params, self.index, self.schedule,
+                                                 self.settings.fisher)
+      if os.path.exists(path):
+        self._fisher = fisher_lib.load_fisher(path, expected_fingerprint=expected)
+        self.log(f"fisher: reusing {path}")
+      else:
+        t0 = time.time()
+        self._fisher = fisher_lib.compute_fisher(
+            self.apply_fn, self.params, self.arrays, self.schedule,
+            settings=self.settings.fisher, mesh=self.mesh,
+            checkpoint_path=os.path.join(self.out_dir, "fisher_partial.npz"),
+            progress=self._progress)
+        fisher_lib.save_fisher(path, self._fisher)
+        self.log(f"fisher: {self._fisher.num_examples} examples in {time.time() - t0:.0f}s")
+    return self._fisher
+
+  @property
+  def pre_slot_losses(self) -> np.ndarray | None:
+    """Cached θ0 losses per slot, when the sweep method reuses them."""
+    if self.settings.sweep.method != "cached":
+      return None
+    if self._pre is None:
+      path = os.path.join(self.out_dir, "pre_losses.npz")
+      key = sweep_lib.cache_key(self.model_fingerprint, self.settings.sweep, self.schedule)
+      if not os.path.exists(path):
+        t0 = time.time()
+        result = sweep_lib.compute_pre_losses(
+            self.apply_fn, self.params, self.arrays, self.schedule,
+            settings=self.settings.sweep, mesh=self.mesh, progress=self._progress,
+            checkpoint_path=os.path.join(self.out_dir, "pre_partial.npz"))
+        sweep_lib.save_pre_cache(path, key, result)
+        self.log(f"pre losses: {len(self.index)} items in {time.time() - t0:.0f}s")
+      self._pre = sweep_lib.load_pre_cache(path, key, self.index)
+    return self._pre
+
+  def score(self, query: generation.Query, name: str) -> dict:
+    """Scores every training item for one query; returns the loaded result."""
+    path = os.path.join(self.out_dir, name, "result")
+    if os.path.exists(path + ".json"):
+      try:
+        return scores_lib.load_result(path, expected_fingerprint=self.model_fingerprint)
+      except ValueError as e:  # another model or a torn write: recompute
+        self.log(f"{name}: recomputing ({e})")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    t0 = time.time()
+    params_after = unlearn_lib.unlearn(
+        self.apply_fn, self.params, self.fisher, query.latent, query.text_states, self.schedule,
+        num_train=len(self.index), settings=self.settings.unlearn, mesh=self.mesh)
+    t1 = time.time()
+    result = sweep_lib.sweep(
+        self.apply_fn, self.params, params_after, self.arrays, self.schedule,
+        settings=self.settings.sweep, mesh=self.mesh, pre_slot_losses=self.pre_slot_losses,
+        checkpoint_path=os.path.join(self.out_dir, name, "sweep_partial.npz"),
+        progress=self._progress)
+    t2 = time.time()
+    image_scores = scores_lib.image_scores(result.delta)
+    ranking = scores_lib.rank(image_scores, result.index)
+    settings = {"abu": dataclasses.asdict(self.settings), "query": query.info,
+                "seconds": {"unlearn": t1 - t0, "sweep": t2 - t1}}
+    scores_lib.save_result(path, image_scores, ranking, settings, self.model_fingerprint,
+                           index=result.index, tau_per_flip=result.delta, pre=result.pre)
+    partial = os.path.join(self.out_dir, name, "sweep_partial.npz")
+    if os.path.exists(partial):
+      os.remove(partial)
+    self.log(f"{name}: unlearn {t1 - t0:.1f}s, sweep {t2 - t1:.1f}s, top-5 {ranking[:5].tolist()}")
+    return scores_lib.load_result(path, expected_fingerprint=self.model_fingerprint)
+
+
+def attribute_queries(abu: AbU, query_dirs: Sequence[str],
+                      get_images: Callable[[np.ndarray], np.ndarray], *, top_k: int = 10,
+                      baselines: Mapping[str, Callable[[generation.Query], np.ndarray]] = {}
+                      ) -> dict:
+  """Scores every query, writes its picture, then the HTML report and summary.json.
+
+  Args:
+    get_images: dataset indices -> uint8 training images (for the pictures).
+    baselines: name -> (query -> scores aligned with abu.index), reported beside AbU where a
+      query has ground truth (`influential_indices` in its query.json).
+  """
+  entries = []
+  for directory in query_dirs:
+    name = os.path.basename(directory.rstrip("/"))
+    query = generation.load_query(directory)
+    result = abu.score(query, name)
+    ranking, scores = result["ranking"], result["scores"]
+    score_of = dict(zip(result["index"].tolist(), scores.tolist()))
+    top = ranking[:top_k]
+    picture = os.path.join(abu.out_dir, name, "topk.png")
+    truth = query.info.get("influential_indices")
+    report.save_topk_picture(picture, query, get_images(top), top,
+                             [score_of[int(i)] for i in top], truth)
+    entry = {"name": name, "prompt": query.info.get("prompt"), "picture": picture,
+             "top": top.tolist(), "seconds": result["meta"]["settings"]["seconds"]}
+    if truth:
+      entry["recall@10"] = {"abu": scores_lib.recall_at_k(ranking, truth, 10)}
+      for method, fn in baselines.items():
+        entry["recall@10"][method] = scores_lib.recall_at_k(
+            scores_lib.rank(fn(query), abu.index), truth, 10)
+    entries.append(entry)
+  summary = report.summarise(entries)
+  report.write_report(os.path.join(abu.out_dir, "report.html"), entries, summary)
+  scores_lib.atomic_write_json(os.path.join(abu.out_dir, "summary.json"),
+                               {"queries": entries, "summary": summary})
+  return summary

@@ -1,0 +1,79 @@
+r"""Attribution by Unlearning for generated queries (or any image + prompt).
+
+  python -m launch.attribute --config=configs/tiny.py --workdir=runs/tiny
+  python -m launch.attribute --config=configs/tiny.py --workdir=runs/tiny \
+      --image=photo.png --prompt="a red circle"      # a query from an image
+  python -m launch.attribute --config=configs/tiny.py --workdir=runs/tiny \
+      --config.attribution.unlearn.num_draws=4000    # any setting, as an override
+
+Reads workdir/model, workdir/precomputed and workdir/queries; writes workdir/attribution/
+(fisher.npz, pre_losses.npz, <query>/result.npz|json, <query>/topk.png, report.html,
+summary.json). Finished queries are kept; an interrupted sweep resumes.
+"""
+import os
+
+from absl import app
+from absl import flags
+import numpy as np
+from ml_collections import config_flags
+from PIL import Image
+
+from attrib_jax import generation
+from attrib_jax import parallel
+from attrib_jax.attribution import runner
+from attrib_jax.baselines import pixel
+from attrib_jax.data import precompute
+from attrib_jax.models import pipeline as pipeline_lib
+from attrib_jax.training import recipe
+from launch import common
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
+_QUERIES = flags.DEFINE_multi_string("query", [], "Query directories (default: all of "
+                                     "workdir/queries).")
+_IMAGE = flags.DEFINE_string("image", None, "Attribute this image (with --prompt) instead.")
+_PROMPT = flags.DEFINE_string("prompt", None, "The prompt of --image.")
+_NUM_DEVICES = flags.DEFINE_integer("num_devices", 0, "Devices of the mesh (0: all).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  common.start()
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  model_dir = os.path.join(workdir, "model")
+  if not os.path.exists(os.path.join(model_dir, "DONE.json")):
+    raise FileNotFoundError(f"No trained model in {model_dir}: run launch.train first")
+  pipe = pipeline_lib.load_pipeline(model_dir)
+  arrays = precompute.load(os.path.join(workdir, "precomputed"))
+  source = recipe.open_dataset(config, os.path.join(workdir, "tfds"))
+  out_dir = os.path.join(workdir, "attribution")
+
+  query_dirs = list(_QUERIES.value)
+  if _IMAGE.value:
+    if not _PROMPT.value:
+      raise ValueError("--image needs --prompt")
+    image = np.asarray(Image.open(_IMAGE.value).convert("RGB"))
+    name = os.path.splitext(os.path.basename(_IMAGE.value))[0]
+    query_dirs = [os.path.join(workdir, "queries_from_images", name)]
+    generation.save_query(query_dirs[0], generation.query_from_image(pipe, image, _PROMPT.value))
+  if not query_dirs:
+    query_dirs = generation.list_queries(os.path.join(workdir, "queries"))
+  if not query_dirs:
+    raise FileNotFoundError(f"No queries in {workdir}/queries: run launch.generate first")
+
+  abu = runner.AbU(pipe.apply_unet, pipe.unet_params, arrays, pipe.schedule,
+                   runner.AbUSettings.from_config(config.attribution), out_dir,
+                   mesh=parallel.make_mesh(_NUM_DEVICES.value or None), log=common.log)
+  images_of = lambda indices: source.get_items(np.asarray(indices))[0]
+  pixel_nn = pixel.PixelCosine()
+  training_images = images_of(abu.index)
+  baselines = {"pixel": lambda q: pixel_nn.score_images(q.image, training_images)}
+  summary = runner.attribute_queries(abu, query_dirs, images_of,
+                                     top_k=config.attribution_top_k, baselines=baselines)
+  common.log(f"attribute: {summary}")
+  common.log(f"attribute: report at {os.path.join(out_dir, 'report.html')}")
+
+
+if __name__ == "__main__":
+  app.run(main)
