@@ -3,7 +3,7 @@
 A query directory holds one generated image and everything needed to attribute it:
   image.png         the decoded image
   latent.npy        the final denoised latent [h, w, c] (what AbU unlearns; for pixel-space
-                    models, the pixels in [-1, 1])
+                    models, the pixels in [-1, 1] through the pixel codec)
   text_states.npy   the prompt's text-encoder states [L, D]
   query.json        prompt, seed, sampler settings, model directory, and optional ground truth
 A query can also be made from any image + prompt (`query_from_image`), e.g. a real photo.
@@ -21,7 +21,6 @@ from PIL import Image
 
 from attrib_jax.diffusion import sampling
 from attrib_jax.models import pipeline as pipeline_lib
-from attrib_jax.models import vae as vae_lib
 
 
 class Query(NamedTuple):
@@ -75,13 +74,9 @@ def query_from_image(pipe: pipeline_lib.Pipeline, image: np.ndarray, prompt: str
   """A query from an existing image and its prompt (the latent is a keyed VAE sample)."""
   image = np.asarray(image)
   shape = pipe.latent_shape
-  x = jnp.asarray(image, jnp.float32)[None] / 127.5 - 1.0
-  if pipe.vae is None:
-    latent = x[0]
-  else:
-    posterior = pipe.vae.apply({"params": pipe.vae_params}, x,
-                               method=vae_lib.AutoencoderKL.encode)
-    latent = pipe.vae.config.scale_latents(posterior.sample(jax.random.key(seed)))[0]
+  latent = pipeline_lib.images_to_latents(image[None], vae=pipe.vae, vae_params=pipe.vae_params,
+                                          pixel_patch=pipe.pixel_patch,
+                                          key=jax.random.key(seed))[0]
   if tuple(latent.shape) != tuple(shape):
     raise ValueError(f"image {image.shape} gives a latent {tuple(latent.shape)}, the model "
                      f"wants {shape}: resize the image to the model's resolution")

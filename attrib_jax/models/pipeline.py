@@ -5,7 +5,10 @@
   text_encoder/  config.json + model.safetensors
   tokenizer/     vocab.json + merges.txt (+ tokenizer_config.json) or tokenizer.json
   scheduler/     scheduler_config.json
-  vae/           config.json + diffusion_pytorch_model.safetensors  (absent: pixel space)
+  vae/           config.json + diffusion_pytorch_model.safetensors
+  pixel_codec.json  instead of vae/ for pixel-space models: {"patch": p}; the latent is the
+                 image in [-1, 1] with each p x p patch folded into channels (space-to-depth),
+                 an exact, parameter-free codec that lets a UNet work at 1/p the resolution
 
 A Stable Diffusion snapshot on disk has exactly this layout; so does every model trained here,
 which diffusers' `UNet2DConditionModel.from_pretrained(dir, subfolder="unet")` reads back.
@@ -38,6 +41,7 @@ class Pipeline(NamedTuple):
   vae: Optional[vae_lib.AutoencoderKL]
   vae_params: Any
   configs: dict  # component -> its config dict
+  pixel_patch: int = 1  # pixel space only: the space-to-depth patch size
 
   def apply_unet(self, params, x_t, t, text_states):
     return self.unet.apply({"params": params}, x_t, t, text_states)
@@ -70,7 +74,62 @@ def load_pipeline(directory: str, *, dtype: Any = jnp.float32) -> Pipeline:
   if os.path.isdir(os.path.join(directory, "vae")):
     vae, vae_params, vae_config = vae_lib.load_vae(os.path.join(directory, "vae"), dtype=dtype)
   return Pipeline(unet, unet_params, text, text_params, tok, schedule, vae, vae_params,
-                  {"unet": unet_config, "text_encoder": text_config, "vae": vae_config})
+                  {"unet": unet_config, "text_encoder": text_config, "vae": vae_config},
+                  read_pixel_patch(directory))
+
+
+PIXEL_CODEC_FILE = "pixel_codec.json"
+
+
+def read_pixel_patch(directory: str) -> int:
+  path = os.path.join(directory, PIXEL_CODEC_FILE)
+  if not os.path.exists(path):
+    return 1
+  with open(path) as f:
+    codec = json.load(f)
+  if set(codec) != {"patch"} or not isinstance(codec["patch"], int) or codec["patch"] < 1:
+    raise ValueError(f"{path}: expected {{\"patch\": positive int}}, got {codec}")
+  return codec["patch"]
+
+
+def write_pixel_patch(directory: str, patch: int) -> None:
+  tmp = os.path.join(directory, PIXEL_CODEC_FILE + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump({"patch": int(patch)}, f)
+  os.replace(tmp, os.path.join(directory, PIXEL_CODEC_FILE))
+
+
+def space_to_depth(x: jax.Array, patch: int) -> jax.Array:
+  """[B, H, W, C] -> [B, H/p, W/p, p*p*C]."""
+  if patch == 1:
+    return x
+  b, h, w, c = x.shape
+  if h % patch or w % patch:
+    raise ValueError(f"image {h}x{w} is not divisible by the pixel patch {patch}")
+  x = x.reshape(b, h // patch, patch, w // patch, patch, c)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h // patch, w // patch, patch * patch * c)
+
+
+def depth_to_space(x: jax.Array, patch: int) -> jax.Array:
+  """The inverse of `space_to_depth`."""
+  if patch == 1:
+    return x
+  b, h, w, c = x.shape
+  x = x.reshape(b, h, w, patch, patch, c // (patch * patch))
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h * patch, w * patch, c // (patch * patch))
+
+
+def images_to_latents(images: jax.Array, *, vae=None, vae_params=None, pixel_patch: int = 1,
+                      key: Optional[jax.Array] = None) -> jax.Array:
+  """uint8 [B, H, W, 3] -> what the UNet is trained on: a keyed VAE sample (scaled), or the
+  pixels in [-1, 1] folded by the pixel codec."""
+  x = jnp.asarray(images, jnp.float32) / 127.5 - 1.0
+  if vae is None:
+    return space_to_depth(x, pixel_patch)
+  if key is None:
+    raise ValueError("encoding with a VAE samples the posterior: pass a key")
+  posterior = vae.apply({"params": vae_params}, x, method=vae_lib.AutoencoderKL.encode)
+  return vae.config.scale_latents(posterior.sample(key))
 
 
 def save_model_index(directory: str, *, pixel_space: bool) -> None:
@@ -117,7 +176,7 @@ def make_text_encoder_fn(text_encoder: clip_text.CLIPTextModel, text_params: Any
 
 def latents_to_images(pipeline: Pipeline, latents: jax.Array) -> np.ndarray:
   """Final latents -> uint8 images [B, H, W, 3] (VAE decode, or pixels in pixel space)."""
-  x = latents
+  x = depth_to_space(jnp.asarray(latents), pipeline.pixel_patch)
   if pipeline.vae is not None:
     x = pipeline.vae.apply({"params": pipeline.vae_params},
                            pipeline.vae.config.unscale_latents(latents),

@@ -11,6 +11,7 @@ a second run reuses the trained model and an interrupted one resumes:
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -111,21 +112,17 @@ def _encoders(config, model_dir: str):
   text, text_params, _ = clip_text.load_clip_text(os.path.join(model_dir, "text_encoder"))
   tok = tokenizer_lib.load_tokenizer(os.path.join(model_dir, "tokenizer"))
   encode_text = pipeline_lib.make_text_encoder_fn(text, text_params, tok)
-  if not os.path.isdir(os.path.join(model_dir, "vae")):
-    return (lambda images: images.astype(np.float32) / 127.5 - 1.0), encode_text
-  vae, vae_params, _ = vae_lib.load_vae(os.path.join(model_dir, "vae"))
-
-  @jax.jit
-  def encode(images, key):
-    x = images.astype(jnp.float32) / 127.5 - 1.0
-    posterior = vae.apply({"params": vae_params}, x, method=vae_lib.AutoencoderKL.encode)
-    return vae.config.scale_latents(posterior.sample(key))
-
-  calls = iter(range(1 << 62))  # each call a fresh, reproducible key
+  vae = vae_params = None
+  if os.path.isdir(os.path.join(model_dir, "vae")):
+    vae, vae_params, _ = vae_lib.load_vae(os.path.join(model_dir, "vae"))
+  encode = jax.jit(functools.partial(pipeline_lib.images_to_latents, vae=vae,
+                                     vae_params=vae_params,
+                                     pixel_patch=pipeline_lib.read_pixel_patch(model_dir)))
+  calls = iter(range(1 << 62))  # each call a fresh, reproducible key for the VAE sample
 
   def encode_images(images):
-    return np.asarray(encode(images, jax.random.fold_in(jax.random.key(config.seed),
-                                                        next(calls))))
+    return np.asarray(encode(images, key=jax.random.fold_in(jax.random.key(config.seed),
+                                                            next(calls))))
   return encode_images, encode_text
 
 
@@ -137,6 +134,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, log=print):
     os.makedirs(model_dir, exist_ok=True)
     if config.world.kind == "tiny_world":
       _random_text_encoder(config, model_dir, source)
+      pipeline_lib.write_pixel_patch(model_dir, config.pixel_patch)
     else:
       _copy_pretrained(config, model_dir)
   pipeline_lib.save_scheduler(os.path.join(model_dir, "scheduler"), config.scheduler.to_dict())
@@ -211,9 +209,10 @@ def _grid_writer(config, model_dir, arrays, apply_fn, schedule, workdir):
     latents = sampling.ddim_sample(schedule, apply_fn, params, text_states, null,
                                    jax.random.key(g.seed), latent_shape=shape,
                                    num_steps=g.num_steps, guidance_scale=g.guidance_scale)
-    images = np.asarray(jnp.clip(jnp.round((latents + 1) * 127.5), 0, 255)).astype(np.uint8)
-    if shape[-1] != 3:  # latent space: no decoder here, skip the grid
-      return
+    if os.path.isdir(os.path.join(model_dir, "vae")):
+      return  # latent space: decoding needs the VAE, which training does not load
+    pixels = pipeline_lib.depth_to_space(latents, pipeline_lib.read_pixel_patch(model_dir))
+    images = np.asarray(jnp.clip(jnp.round((pixels + 1) * 127.5), 0, 255)).astype(np.uint8)
     save_image_grid(os.path.join(workdir, "train", f"samples_{step:06d}.png"), images)
 
   return write

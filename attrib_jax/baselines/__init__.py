@@ -1,0 +1,26 @@
+"""Attribution baselines behind one interface (SPEC §3): pixel and feature cosine, TRAK,
+D-TRAK and random scores.
+
+  method = make_method("d-trak", proj_dim=512, flips=(0,))
+  context = Context(arrays=arrays, images=images, apply_fn=apply_fn, params=params,
+                    schedule=schedule, module=unet)
+  scores = method.score(query, context)    # [N] float64, aligned with arrays["index"]
+
+Another method (the AbU adapter) joins with `@register` on a frozen dataclass subclassing
+`Method` with a class attribute `name`.
+"""
+from attrib_jax.baselines import features, interface, pixel, random, trak
+from attrib_jax.baselines.features import (EXTRACTORS, FeatureCosine, random_conv_features,
+                                           unet_features)
+from attrib_jax.baselines.interface import (Context, Method, available_methods, make_method,
+                                            register)
+from attrib_jax.baselines.pixel import PixelCosine
+from attrib_jax.baselines.random import RandomScores
+from attrib_jax.baselines.trak import DTRAK, TRAK
+
+__all__ = [
+    "features", "interface", "pixel", "random", "trak",
+    "EXTRACTORS", "FeatureCosine", "random_conv_features", "unet_features",
+    "Context", "Method", "available_methods", "make_method", "register",
+    "PixelCosine", "RandomScores", "DTRAK", "TRAK",
+]
