@@ -8,7 +8,9 @@ The pipeline for one query, each stage a pure jitted kernel over the `data` mesh
   result = sweep(apply_fn, params, params_after, arrays, schedule)
   tau = scores.image_scores(result.delta); ranking = scores.rank(tau, result.index)
 """
-from attrib_jax.attribution import fisher, scores, selection, sweep, unlearn
+from attrib_jax.attribution import ekfac, fisher, scores, selection, sweep, unlearn
+from attrib_jax.attribution.ekfac import (EKFAC, EKFACSettings, EKFACUnlearnSettings,
+                                          compute_ekfac, ekfac_unlearn, load_ekfac, save_ekfac)
 from attrib_jax.attribution.fisher import (Fisher, FisherSettings, compute_fisher, load_fisher,
                                            save_fisher)
 from attrib_jax.attribution.scores import (average_precision, image_scores,
@@ -24,7 +26,9 @@ run_sweep = sweep.sweep
 run_unlearn = unlearn.unlearn
 
 __all__ = [
-    "fisher", "scores", "selection", "sweep", "unlearn",
+    "ekfac", "fisher", "scores", "selection", "sweep", "unlearn",
+    "EKFAC", "EKFACSettings", "EKFACUnlearnSettings", "compute_ekfac", "ekfac_unlearn",
+    "load_ekfac", "save_ekfac",
     "Fisher", "FisherSettings", "compute_fisher", "load_fisher", "save_fisher",
     "average_precision", "image_scores", "load_result", "mean_average_precision",
     "params_fingerprint", "rank", "recall_at_k", "save_result",

@@ -7,9 +7,9 @@ replaces it, per selected Dense layer, by an eigenvalue-corrected Kronecker fact
   A = E_tokens[a aᵀ]   (a: the layer's input, one row per token; [in, in])
   G = E_tokens[g gᵀ]   (g = ∂L/∂s, the loss gradient at the layer's output s = a K; [out, out])
   A = Q_A diag(λ_A) Q_Aᵀ,  G = Q_G diag(λ_G) Q_Gᵀ   (float64 eigh on the host)
-  Λ = E_examples[(Q_Aᵀ ∇K Q_G)²]   ([in, out]: the eigenvalues refitted in the Kronecker basis,
-                                   ∇K the example's gradient of the kernel; a second pass)
-  P(Ḡ) = Q_A [(Q_Aᵀ Ḡ Q_G) / (Λ + d)] Q_Gᵀ,   d = damping_scale · mean(Λ)  (0.1, per layer)
+  Λ = E_examples[(Q_Aᵀ ∇K Q_G)²]   ([in, out]: eigenvalues refitted in the Kronecker basis,
+                                   ∇K the example's kernel gradient; a second pass)
+  P(Ḡ) = Q_A [(Q_Aᵀ Ḡ Q_G) / (Λ + d)] Q_Gᵀ,   d = damping_scale · mean(Λ)  (0.1; per layer)
   θ' = θ + (α/N) · P(ḡ)   on the selected weights; ḡ the query gradient as in AbU.
 
 Layout. Our kernels are [in, out] (torch's weight transposed), so every formula above is the
@@ -25,11 +25,12 @@ L tokens per example; a layer called twice contributes the tokens of both calls)
 divided by the number of token rows; the per-example kernel gradient sums over the example's
 tokens (∇K = Σ_t a_t g_tᵀ, exactly jax.grad's), and Λ averages its rotated squares over
 *examples*. Only the eigenvectors of A and G enter P, so their normalisation does not change the
-update; it does set the K-FAC limit: Λ = λ_A λ_Gᵀ gives P⁻¹ = A ⊗ G (per token), which is T
-times smaller than the per-example Fisher it stands for when an example has T tokens.
+update; it does set the K-FAC limit: Λ = λ_A λ_Gᵀ gives P⁻¹ = A ⊗ G, a per-token quantity,
+about T times smaller than the per-example Fisher when an example has T weakly correlated
+tokens.
 
-Capturing a and g without touching the model. `apply_fn` is opaque (any function that calls a
-linen module's `apply`), so the capture is done with `flax.linen.intercept_methods`: while the
+Capturing a and g without touching the model. `apply_fn` is opaque (any function that calls
+a linen module's `apply`), so the capture is done with `flax.linen.intercept_methods`: while the
 loss is traced, every call of a selected `nn.Dense` records its input and adds a zero "tap"
 tensor to its output. The gradient of the example's loss with respect to the taps is exactly
 ∂L/∂s for each token, with no change to the module code (`Module.perturb` would need the model
@@ -75,7 +76,8 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 class EKFACSettings:
   """How the factors are estimated. `batch_size` and `flush_every` change speed and memory,
   not the result (beyond float32 rounding). One epoch = the flipped and unflipped training set
-  (2N examples); each of the two passes visits `num_epochs` epochs."""
+  (2N examples); each of the two passes visits `num_epochs` epochs. SPEC gives no count for
+  AbU+; the default is one epoch (the diagonal Fisher's reference uses five)."""
   selection: Any = selection.DEFAULT   # a selection name or a predicate on parameter paths
   num_epochs: int = 1
   batch_size: int = 32        # examples per global micro-batch (rounded up to the device count)
@@ -193,7 +195,6 @@ def _selected_layers(apply_fn: Callable, params: Mapping[str, Any], selected: Fl
         raise ValueError(f"EK-FAC preconditions a bias only with its kernel: "
                          f"{selection.path_name(bias)} is selected without its kernel")
       continue
-    (in_shape, _), *_ = calls[module]
     if selected[kernel].ndim != 2:
       raise ValueError(f"{selection.path_name(kernel)} is not a 2-D Dense kernel")
     in_features, out_features = selected[kernel].shape
@@ -284,8 +285,9 @@ def _factor_step(apply_fn: Callable, mesh, layers: tuple[_Layer, ...]) -> Callab
 
     def covariances(layer):
       a, g = acts[layer.module], outs[layer.module]   # [B, T, in(+1)], [B, T, out]
-      return {"A": jnp.einsum("b,bti,btj->ij", valid, a, a, precision=_HIGHEST),
-              "G": jnp.einsum("b,bto,btp->op", valid, g, g, precision=_HIGHEST),
+      mask = valid[:, None, None]  # one matmul each, contracting examples and tokens together
+      return {"A": jnp.einsum("bti,btj->ij", a * mask, a, precision=_HIGHEST),
+              "G": jnp.einsum("bto,btp->op", g * mask, g, precision=_HIGHEST),
               "L": jnp.zeros((a.shape[-1], g.shape[-1]), jnp.float32)}
 
     def eigenvalues(layer):
@@ -321,7 +323,7 @@ def _factor_step(apply_fn: Callable, mesh, layers: tuple[_Layer, ...]) -> Callab
 
 # ---------------------------------------------------------------------------- driver ---
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class _Plan:
   """The examples of one factor pass and the layers they feed."""
   rows: np.ndarray
@@ -375,6 +377,7 @@ def _run_pass(apply_fn, params, arrays, schedule, plan: _Plan, settings: EKFACSe
   zeros = lambda: jax.device_put(jax.tree.map(lambda z: z.astype(np.float32), shapes), rep)
   acc, comp = zeros(), zeros()
   meter = scores_lib.ProgressMeter(stage, total, "examples")
+  gather = fisher_lib._gather_rows  # pylint: disable=protected-access  (the Fisher's batches)
 
   for b in range(num_batches):
     ids = np.arange(b * batch, min((b + 1) * batch, total))
@@ -389,9 +392,8 @@ def _run_pass(apply_fn, params, arrays, schedule, plan: _Plan, settings: EKFACSe
     caption = fisher_lib.draw_captions(settings.seed, epoch, plan.index[pos], flip,
                                        plan.num_captions[pos])
     host_batch = {
-        "x0": fisher_lib._gather_rows(arrays["latents"], item_rows, flip).astype(np.float32),  # pylint: disable=protected-access
-        "text": fisher_lib._gather_rows(arrays["text_states"], item_rows,  # pylint: disable=protected-access
-                                        caption).astype(np.float32),
+        "x0": gather(arrays["latents"], item_rows, flip).astype(np.float32),
+        "text": gather(arrays["text_states"], item_rows, caption).astype(np.float32),
         "index": plan.index[pos].astype(np.uint32), "flip": flip.astype(np.int32),
         "epoch": epoch.astype(np.int32), "valid": valid}
     acc, comp = step(acc, comp, params_d, schedule_d, seed, bases_d, refit_d,
@@ -466,11 +468,16 @@ def fit_eigenvalues(apply_fn: Callable, params: Mapping[str, Any], arrays: Mappi
                     settings: EKFACSettings = EKFACSettings(), mesh=None,
                     rows: np.ndarray | None = None,
                     progress: Callable[[scores_lib.Progress], None] | None = None) -> EKFAC:
-  """Pass 2: Λ = mean over examples of (Q_Aᵀ ∇K Q_G)², same examples as pass 1."""
+  """Pass 2: Λ = mean over examples of (Q_Aᵀ ∇K Q_G)², same examples as pass 1 (the same
+  model, items and settings, else an error)."""
   mesh = mesh or parallel.make_mesh()
   plan = _plan(apply_fn, params, arrays, rows, settings)
-  if {layer.module for layer in plan.layers} != set(factors.layers):
-    raise ValueError("The factors were computed for another selection of layers")
+  fingerprint = _fingerprint(scores_lib.params_fingerprint(params), settings, plan.index,
+                             schedule, plan.num_examples)
+  if (fingerprint != factors.fingerprint()
+      or {layer.module for layer in plan.layers} != set(factors.layers)):
+    raise ValueError("The covariances were computed for another model, items, settings or "
+                     "selection than this eigenvalue pass")
   bases = {m: (f.activation_eigvecs, f.gradient_eigvecs) for m, f in factors.layers.items()}
   sums = _run_pass(apply_fn, params, arrays, schedule, plan, settings, mesh, bases,
                    "ekfac-eigenvalues", progress)
@@ -524,8 +531,9 @@ def save_ekfac(path: str, factors: EKFAC) -> None:
   scores_lib.atomic_savez(path, **arrays)
 
 
-def load_ekfac(path: str, expected_fingerprint: str | None = None) -> EKFAC:  # pylint: disable=redefined-outer-name
-  """Reads `save_ekfac`'s file; a different fingerprint than expected is an error."""
+def load_ekfac(path: str, fingerprint: str | None = None) -> EKFAC:
+  """Reads `save_ekfac`'s file; a fingerprint other than `fingerprint` (if given) is an
+  error (see `expected_fingerprint`)."""
   grouped: dict[Path, dict] = {}
   with np.load(path) as data:
     meta = json.loads(str(data["__meta__"]))
@@ -533,9 +541,9 @@ def load_ekfac(path: str, expected_fingerprint: str | None = None) -> EKFAC:  # 
       if key != "__meta__":
         name, field = key.rsplit("/", 1)
         grouped.setdefault(tuple(name.split("/")), {})[field] = data[key]
-  if expected_fingerprint is not None and meta["fingerprint"] != expected_fingerprint:
+  if fingerprint is not None and meta["fingerprint"] != fingerprint:
     raise ValueError(f"{path} holds EK-FAC factors for other settings or another model "
-                     f"({meta['fingerprint']} != {expected_fingerprint})")
+                     f"({meta['fingerprint']} != {fingerprint})")
   layers = {m: LayerFactors(has_bias=bool(v["has_bias"]),
                             tokens_per_example=int(v["tokens_per_example"]),
                             **{f: v.get(f) for f in _FIELDS})
