@@ -100,7 +100,11 @@ def make_train_step(apply_fn: Callable, schedule: Any, optimizer: optax.Gradient
     params = optax.apply_updates(state.params, updates)
     ema = state.ema_params
     if ema_decay is not None and ema is not None:
-      ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
+      # Warm-up: early on the average would be mostly the random init; (1+n)/(10+n) lets it
+      # follow the weights until `ema_decay` takes over.
+      n = state.step.astype(jnp.float32)
+      decay = jnp.minimum(ema_decay, (1.0 + n) / (10.0 + n))
+      ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               ema_params=ema)
     return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
