@@ -21,7 +21,7 @@ from PIL import Image
 from attrib_jax import generation
 from attrib_jax import parallel
 from attrib_jax.attribution import runner
-from attrib_jax.baselines import pixel
+from attrib_jax import baselines
 from attrib_jax.data import precompute
 from attrib_jax.models import pipeline as pipeline_lib
 from attrib_jax.training import recipe
@@ -66,11 +66,13 @@ def main(argv):
                    runner.AbUSettings.from_config(config.attribution), out_dir,
                    mesh=parallel.make_mesh(_NUM_DEVICES.value or None), log=common.log)
   images_of = lambda indices: source.get_items(np.asarray(indices))[0]
-  pixel_nn = pixel.PixelCosine()
-  training_images = images_of(abu.index)
-  baselines = {"pixel": lambda q: pixel_nn.score_images(q.image, training_images)}
+  # Pixel-space nearest neighbours, reported beside AbU (the paper's weakest real baseline).
+  context = baselines.Context(arrays=arrays, images=images_of(abu.index))
+  pixel = baselines.make_method("pixel")
+  baselines_to_report = {"pixel": lambda q: pixel.score(q, context)}
   summary = runner.attribute_queries(abu, query_dirs, images_of,
-                                     top_k=config.attribution_top_k, baselines=baselines)
+                                     top_k=config.attribution_top_k,
+                                     baselines=baselines_to_report)
   common.log(f"attribute: {summary}")
   common.log(f"attribute: report at {os.path.join(out_dir, 'report.html')}")
 
