@@ -23,6 +23,7 @@ CONFIG ?= configs/tiny.py
 demo: install
 	$(PY) -m launch.train --config=$(CONFIG) --workdir=$(WORKDIR)
 	$(PY) -m launch.generate --config=$(CONFIG) --workdir=$(WORKDIR)
-	@echo "Results in $(WORKDIR): model/, train/samples_*.png, queries/overview.png"
+	$(PY) -m launch.attribute --config=$(CONFIG) --workdir=$(WORKDIR)
+	@echo "Results in $(WORKDIR): model/, train/samples_*.png, queries/overview.png, attribution/report.html"
 
 .PHONY: demo
