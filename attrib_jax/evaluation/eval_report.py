@@ -1,0 +1,480 @@
+"""The whole evaluation (leave-K-out and LDS) as one resumable run, and its report.
+
+`evaluate` takes everything model-specific as arguments (score functions, the model caches,
+the denoiser, a regenerator), so the same driver runs the real world (`launch/evaluate.py`) and
+the tests' micro model. Under `out_dir`:
+  scores/<method>/<query>.npz   each method's score vector per query (reused on rerun)
+  cells/                        one JSON per finished leave-K-out cell (counterfactual.ResultStore)
+  lds_cells/                    one JSON per LDS (subset, seed) model's query losses
+  results.jsonl                 every cell's row, sorted (rewritten at the end of each run)
+  table.csv, table.md           method × K: ΔL, ΔL − random, ΔG, LDS (mean ± s.e., queries)
+  delta_loss.png, lds.png       ΔL against K per method; LDS per method
+  report.html, summary.json     all of the above on one page
+The printed table depends only on the cells' numbers, which depend only on the seeds: same
+seeds, same table text.
+
+Settings come from the config's `evaluation` block (`EvalSettings.from_config`); unknown keys
+are errors. Plots are drawn with PIL (matplotlib is not installed in this environment).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import html
+import io
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from attrib_jax.attribution import scores as scores_lib
+from attrib_jax.evaluation import counterfactual as cf
+from attrib_jax.evaluation import lds as lds_lib
+from attrib_jax.generation import Query
+
+DEFAULT_METHODS = ("abu", "pixel", "features", "trak", "d-trak", cf.RANDOM)
+
+
+# -------------------------------------------------------------------------- settings ---
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  """The `config.evaluation` block. See launch/evaluate.py for every key with its default."""
+  methods: tuple[str, ...] = DEFAULT_METHODS
+  method_configs: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+  ks: tuple[int, ...] = ()                      # () -> round(f · N) for f in k_fractions
+  k_fractions: tuple[float, ...] = (0.01, 0.04)
+  random_draws: int = 3
+  random_seed: int = 0
+  loss: cf.LossSettings = cf.LossSettings()
+  regenerate: bool = True
+  feature_extractor: Mapping[str, Any] = dataclasses.field(
+      default_factory=lambda: {"seed": 0, "widths": (32, 64), "grid": 4})
+  lds: lds_lib.LDSSettings | None = lds_lib.LDSSettings()
+  lds_train_seeds: tuple[int, ...] = ()         # () -> (config.seed,)
+  queries: tuple[str, ...] = ()                 # () -> every query of the workdir
+  keep_train_checkpoints: bool = False
+
+  @classmethod
+  def from_config(cls, block: Mapping[str, Any] | None) -> "EvalSettings":
+    """From a config's `evaluation` block (a dict or ConfigDict; None: all defaults)."""
+    c = dict(block.to_dict() if hasattr(block, "to_dict") else (block or {}))
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(c) - known - {"lds"})
+    if unknown:
+      raise ValueError(f"config.evaluation: unknown key(s) {unknown}; known: {sorted(known)}")
+    kwargs: dict[str, Any] = {}
+    for key in ("methods", "ks", "k_fractions", "lds_train_seeds", "queries"):
+      if key in c:
+        kwargs[key] = tuple(c.pop(key))
+    if "loss" in c:
+      kwargs["loss"] = cf.LossSettings(**dict(c.pop("loss")))
+    if "lds" in c:
+      block = dict(c.pop("lds"))
+      if "train_seeds" in block:
+        kwargs["lds_train_seeds"] = tuple(block.pop("train_seeds"))
+      kwargs["lds"] = (lds_lib.LDSSettings(**block) if block.get("num_subsets", 1) else None)
+    for key in ("method_configs", "feature_extractor"):
+      if key in c:
+        kwargs[key] = {k: dict(v) if isinstance(v, Mapping) else v
+                       for k, v in dict(c.pop(key)).items()}
+    kwargs.update(c)
+    return cls(**kwargs)
+
+  def resolve_ks(self, num_items: int) -> tuple[int, ...]:
+    ks = self.ks or tuple(max(1, int(round(f * num_items))) for f in self.k_fractions)
+    return tuple(sorted(set(int(k) for k in ks)))
+
+  @property
+  def ranked_methods(self) -> tuple[str, ...]:
+    """The methods whose rankings are removed (all but the random floor)."""
+    return tuple(m for m in self.methods if m != cf.RANDOM)
+
+
+# -------------------------------------------------------------------------- scoring ---
+
+@dataclasses.dataclass(frozen=True)
+class Scorer:
+  """A method's scores for one query, aligned with the training arrays' `index`.
+
+  key: JSON-able description of everything the scores depend on besides the query (method
+    settings, model, data); the cached vector is reused only under the same key.
+  """
+  fn: Callable[[str, Query], np.ndarray]
+  key: Any
+
+
+class ScoreStore:
+  """Score vectors per (method, query), saved atomically; reused when the key matches."""
+
+  def __init__(self, directory: str, index: np.ndarray):
+    self.directory, self.index = directory, np.asarray(index, np.int64)
+    self.seconds: dict[str, float] = {}
+
+  def get(self, method: str, query_name: str, query: Query, scorer: Scorer) -> np.ndarray:
+    key = scores_lib.settings_digest({"scorer": scorer.key, "query": query_name,
+                                      "index": scores_lib.params_fingerprint({"i": self.index})})
+    path = os.path.join(self.directory, method, cf.safe_name(query_name) + ".npz")
+    if os.path.exists(path):
+      with np.load(path) as data:
+        if str(data["key"]) == key:
+          self.seconds[method] = self.seconds.get(method, 0.0) + float(data["seconds"])
+          return data["scores"]
+    t0 = time.time()
+    scores = np.asarray(scorer.fn(query_name, query), np.float64)
+    seconds = time.time() - t0
+    if scores.shape != self.index.shape or not np.isfinite(scores).all():
+      raise ValueError(f"{method} gave scores {scores.shape} (finite: "
+                       f"{np.isfinite(scores).all()}) for {query_name}; expected "
+                       f"{self.index.shape}")
+    scores_lib.atomic_savez(path, key=np.asarray(key), scores=scores,
+                            seconds=np.asarray(seconds))
+    self.seconds[method] = self.seconds.get(method, 0.0) + seconds
+    return scores
+
+
+# ---------------------------------------------------------------------------- driver ---
+
+def evaluate(*, out_dir: str, queries: Mapping[str, Query], index: np.ndarray,
+             scorers: Mapping[str, Scorer], settings: EvalSettings,
+             make_cache: Callable[[int | None], cf.ModelCache], base_params: Any,
+             base_fingerprint: str, apply_fn: Callable, schedule: Any,
+             regenerate: cf.Regenerate | None = None, feature_fn: cf.FeatureFn | None = None,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Scores -> leave-K-out cells -> LDS -> table, plots and report. Resumable.
+
+  Args:
+    queries: name -> query (the evaluation's queries).
+    index: the training arrays' dataset indices (the order scores are aligned with).
+    scorers: method -> `Scorer`, for every method in `settings.methods` (the random method's
+      scores serve the LDS; its leave-K-out row is the random-removal floor).
+    make_cache: training seed (None: the recipe's own) -> the `ModelCache` retraining with it.
+    base_params, base_fingerprint: θ0 and its `params_fingerprint`.
+    regenerate, feature_fn: for ΔG (None: ΔG is skipped / only the pixel MSE is reported).
+  Returns:
+    summary.json's content, plus 'markdown' (the table text).
+  """
+  t_start = time.time()
+  index = np.asarray(index, np.int64)
+  names = sorted(queries)
+  missing = [m for m in settings.methods if m not in scorers]
+  if missing:
+    raise ValueError(f"no scorer for method(s) {missing}")
+  ks = settings.resolve_ks(index.size)
+  store = ScoreStore(os.path.join(out_dir, "scores"), index)
+  scores = {m: {q: store.get(m, q, queries[q], scorers[m]) for q in names}
+            for m in settings.methods}
+  log(f"evaluate: scores of {len(settings.methods)} methods for {len(names)} queries "
+      f"({', '.join(f'{m} {s:.1f}s' for m, s in store.seconds.items())})")
+  rankings = {m: {q: scores_lib.rank(scores[m][q], index) for q in names}
+              for m in settings.ranked_methods}
+  draws = settings.random_draws if cf.RANDOM in settings.methods else 0
+  cells = cf.make_cells(rankings, names, ks, index=index, random_draws=draws,
+                        random_seed=settings.random_seed)
+  cache = make_cache(None)
+  rows = cf.run_counterfactual(
+      cells, queries, cache=cache, base_params=base_params, base_fingerprint=base_fingerprint,
+      apply_fn=apply_fn, schedule=schedule, store=cf.ResultStore(os.path.join(out_dir, "cells")),
+      loss=settings.loss, regenerate=regenerate, feature_fn=feature_fn, log=log)
+  drift = _theta0_drift(queries, base_params, base_fingerprint, regenerate, out_dir)
+
+  lds_result, by_seed = None, {None: cache}
+  if settings.lds is not None:
+    seeds = settings.lds_train_seeds or (None,)
+    for s in seeds:
+      if s not in by_seed:
+        by_seed[s] = make_cache(s)
+    lds_result = lds_lib.run_lds(
+        index, queries, scores, [by_seed[s] for s in seeds], settings=settings.lds,
+        apply_fn=apply_fn, schedule=schedule,
+        store=cf.ResultStore(os.path.join(out_dir, "lds_cells")),
+        base_fingerprint=base_fingerprint, loss=settings.loss, log=log)
+
+  table = build_table(cf.summarize(rows), lds_result["summary"] if lds_result else {},
+                      settings.methods, ks, index.size)
+  markdown = format_markdown(table)
+  _write_jsonl(os.path.join(out_dir, "results.jsonl"), rows)
+  write_csv(os.path.join(out_dir, "table.csv"), table)
+  _write_text(os.path.join(out_dir, "table.md"), markdown)
+  plot_lines(os.path.join(out_dir, "delta_loss.png"),
+             {m: [(e["k"], e["dl"], e["dl_se"]) for e in table if e["method"] == m]
+              for m in settings.methods}, title="Leave-K-out: query loss change",
+             xlabel="K (items removed)", ylabel="dL (mean +- s.e.)")
+  if lds_result:
+    plot_bars(os.path.join(out_dir, "lds.png"),
+              {m: (lds_result["summary"][m]["lds"], lds_result["summary"][m]["lds_se"])
+               for m in settings.methods if m in lds_result["summary"]},
+              title="Linear datamodeling score", ylabel="Spearman (mean +- s.e.)")
+  summary = {
+      "num_items": int(index.size), "queries": names, "ks": list(ks),
+      "methods": list(settings.methods), "table": table, "theta0_regeneration": drift,
+      "lds": lds_result,
+      "models_trained_this_run": sum(len(c.trained) for c in by_seed.values()),
+      "scoring_seconds": store.seconds, "seconds_this_run": time.time() - t_start,
+      "settings": json.loads(json.dumps(dataclasses.asdict(settings), default=str))}
+  scores_lib.atomic_write_json(os.path.join(out_dir, "summary.json"), summary)
+  write_html(os.path.join(out_dir, "report.html"), summary, markdown,
+             plots=["delta_loss.png"] + (["lds.png"] if lds_result else []))
+  log(f"evaluate: {len(rows)} cells, table:\n{markdown}")
+  return dict(summary, markdown=markdown)
+
+
+def _theta0_drift(queries, base_params, base_fingerprint, regenerate, out_dir) -> dict | None:
+  """How far regenerating each query under θ0 itself lands from the saved image: ΔG's floor
+  from the sampler's own numerics (batching, platform). Stored per query, reused."""
+  if regenerate is None:
+    return None
+  store = cf.ResultStore(os.path.join(out_dir, "cells"))
+  values = []
+  for name in sorted(queries):
+    cell = f"{name}|theta0"
+    row = store.get(cell, base_fingerprint)
+    if row is None:
+      image = regenerate(base_params, queries[name])
+      row = {"cell": cell, "fingerprint": base_fingerprint,
+             "mse": cf.pixel_mse(image, queries[name].image)}
+      store.put(row)
+    values.append(row["mse"])
+  return {"mean_mse": float(np.mean(values)), "max_mse": float(np.max(values))}
+
+
+# ----------------------------------------------------------------------------- table ---
+
+def build_table(cf_summary: Sequence[dict], lds_summary: Mapping[str, Mapping[str, float]],
+                methods: Sequence[str], ks: Sequence[int], num_items: int) -> list[dict]:
+  """Rows (method, K) in the configured method order, the LDS columns repeated across K."""
+  nan = float("nan")
+  by_key = {(e["method"], e["k"]): e for e in cf_summary}
+  table = []
+  for m in methods:
+    for k in ks:
+      e = dict(by_key.get((m, k), {"method": m, "k": k, "n": 0}))
+      e["k_percent"] = 100.0 * k / num_items
+      lds = lds_summary.get(m, {})
+      e["lds"], e["lds_se"] = lds.get("lds", nan), lds.get("lds_se", nan)
+      for field in ("dl", "dl_se", "vs_random", "vs_random_se", "mse", "mse_se", "cos",
+                    "cos_se"):
+        e.setdefault(field, nan)
+      e["beats_random_2se"] = bool(e["vs_random"] > 2 * e["vs_random_se"]) if all(
+          math.isfinite(e[f]) for f in ("vs_random", "vs_random_se")) else None
+      table.append(e)
+  return table
+
+
+def _pm(mean: float, se: float, scale: float = 1.0, digits: int = 3) -> str:
+  if not math.isfinite(mean):
+    return "n/a"
+  text = f"{mean * scale:.{digits}f}"
+  return text + (f" ± {se * scale:.{digits}f}" if math.isfinite(se) else "")
+
+
+COLUMNS = ("method", "K", "K %", "n", "ΔL ×1e-3", "ΔL − random ×1e-3", "> 2 s.e.",
+           "ΔG MSE ×1e-3", "ΔG feature cos", "LDS")
+
+
+def table_cells(e: Mapping[str, Any]) -> list[str]:
+  beats = {True: "yes", False: "no", None: "–"}[e["beats_random_2se"]]
+  return [e["method"], str(e["k"]), f"{e['k_percent']:.1f}", str(e["n"]),
+          _pm(e["dl"], e["dl_se"], 1e3), _pm(e["vs_random"], e["vs_random_se"], 1e3), beats,
+          _pm(e["mse"], e["mse_se"], 1e3), _pm(e["cos"], e["cos_se"], 1.0, 4),
+          _pm(e["lds"], e["lds_se"])]
+
+
+def format_markdown(table: Sequence[Mapping[str, Any]]) -> str:
+  lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+  lines += ["| " + " | ".join(table_cells(e)) + " |" for e in table]
+  return "\n".join(lines) + "\n"
+
+
+def write_csv(path: str, table: Sequence[Mapping[str, Any]]) -> None:
+  fields = ("method", "k", "k_percent", "n", "dl", "dl_se", "vs_random", "vs_random_se",
+            "beats_random_2se", "mse", "mse_se", "cos", "cos_se", "lds", "lds_se")
+  buffer = io.StringIO()
+  writer = csv.writer(buffer, lineterminator="\n")
+  writer.writerow(fields)
+  for e in table:
+    writer.writerow([f"{e[f]:.9g}" if isinstance(e[f], float) else e[f] for f in fields])
+  _write_text(path, buffer.getvalue())
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+  """Atomically (temporary file + os.replace): a killed run never leaves a torn report."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(data)
+  os.replace(tmp, path)
+
+
+def _write_text(path: str, text: str) -> None:
+  _write_bytes(path, text.encode())
+
+
+def _write_jsonl(path: str, rows: Sequence[dict]) -> None:
+  rows = sorted((r for r in rows if r is not None), key=lambda r: r["cell"])
+  _write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+
+# ----------------------------------------------------------------------------- plots ---
+
+_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (127, 127, 127)]
+_W, _H, _LEFT, _RIGHT, _TOP, _BOTTOM = 640, 420, 80, 150, 40, 60
+
+
+def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+  if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
+    return [lo]
+  raw = (hi - lo) / n
+  step = 10 ** math.floor(math.log10(raw))
+  step *= next(m for m in (1, 2, 5, 10) if raw <= m * step)
+  first = math.ceil(lo / step) * step
+  return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+class _Axes:
+  """Data -> pixel mapping with a frame, ticks and labels, on a white PIL canvas."""
+
+  def __init__(self, xlim, ylim, title, xlabel, ylabel, xpad=0.08):
+    self.image = Image.new("RGB", (_W, _H), "white")
+    self.draw = ImageDraw.Draw(self.image)
+    self.font = ImageFont.load_default()
+    pad = lambda lo, hi, f: (lo - f * (hi - lo or 1), hi + f * (hi - lo or 1))
+    self.xlim, self.ylim = pad(*xlim, xpad), pad(*ylim, 0.08)
+    d = self.draw
+    d.rectangle([_LEFT, _TOP, _W - _RIGHT, _H - _BOTTOM], outline="black")
+    d.text((_LEFT, 12), title, fill="black", font=self.font)
+    d.text(((_LEFT + _W - _RIGHT) // 2 - 3 * len(xlabel), _H - 22), xlabel, fill="black",
+           font=self.font)
+    d.text((6, _TOP - 16), ylabel, fill="black", font=self.font)
+    for y in _ticks(*ylim):
+      py = self.py(y)
+      d.line([_LEFT - 4, py, _LEFT, py], fill="black")
+      d.line([_LEFT + 1, py, _W - _RIGHT - 1, py], fill=(230, 230, 230))
+      d.text((6, py - 6), f"{y:.3g}", fill="black", font=self.font)
+    if ylim[0] < 0 < ylim[1]:
+      d.line([_LEFT + 1, self.py(0), _W - _RIGHT - 1, self.py(0)], fill=(150, 150, 150))
+
+  def px(self, x):
+    return _LEFT + (x - self.xlim[0]) / (self.xlim[1] - self.xlim[0]) * (_W - _LEFT - _RIGHT)
+
+  def py(self, y):
+    return _H - _BOTTOM - (y - self.ylim[0]) / (self.ylim[1] - self.ylim[0]) * (
+        _H - _TOP - _BOTTOM)
+
+  def xtick(self, x, label):
+    px = self.px(x)
+    self.draw.line([px, _H - _BOTTOM, px, _H - _BOTTOM + 4], fill="black")
+    self.draw.text((px - 3 * len(label), _H - _BOTTOM + 8), label, fill="black",
+                   font=self.font)
+
+  def legend(self, i, label, color):
+    y = _TOP + 8 + 16 * i
+    self.draw.rectangle([_W - _RIGHT + 10, y, _W - _RIGHT + 22, y + 10], fill=color)
+    self.draw.text((_W - _RIGHT + 28, y - 1), label, fill="black", font=self.font)
+
+  def save(self, path):
+    buffer = io.BytesIO()
+    self.image.save(buffer, format="PNG")
+    _write_bytes(path, buffer.getvalue())
+
+
+def _limits(values: Sequence[float]) -> tuple[float, float]:
+  finite = [v for v in values if math.isfinite(v)]
+  if not finite:
+    return 0.0, 1.0
+  lo, hi = min(finite), max(finite)
+  return (lo - 0.5, hi + 0.5) if lo == hi else (lo, hi)
+
+
+def plot_lines(path: str, series: Mapping[str, Sequence[tuple[float, float, float]]], *,
+               title: str, xlabel: str, ylabel: str) -> None:
+  """One line per method through (x, mean) with ±s.e. bars."""
+  points = [p for s in series.values() for p in s]
+  se = lambda p: p[2] if math.isfinite(p[2]) else 0.0
+  xs = sorted({p[0] for p in points})
+  ax = _Axes(_limits(xs), _limits([p[1] + se(p) for p in points] + [p[1] - se(p) for p in points]
+                                  + [0.0]), title, xlabel, ylabel)
+  for x in xs:
+    ax.xtick(x, str(x))
+  for i, (name, s) in enumerate(series.items()):
+    color = _COLORS[i % len(_COLORS)]
+    pts = [(ax.px(x), ax.py(m)) for x, m, _ in s if math.isfinite(m)]
+    if len(pts) > 1:
+      ax.draw.line(pts, fill=color, width=2)
+    for x, m, e in s:
+      if not math.isfinite(m):
+        continue
+      if math.isfinite(e):
+        ax.draw.line([ax.px(x), ax.py(m - e), ax.px(x), ax.py(m + e)], fill=color, width=1)
+      ax.draw.ellipse([ax.px(x) - 3, ax.py(m) - 3, ax.px(x) + 3, ax.py(m) + 3], fill=color)
+    ax.legend(i, name, color)
+  ax.save(path)
+
+
+def plot_bars(path: str, values: Mapping[str, tuple[float, float]], *, title: str,
+              ylabel: str) -> None:
+  """One bar per method (mean) with a ±s.e. bar."""
+  se = lambda e: e if math.isfinite(e) else 0.0
+  ys = [m + s * se(e) for m, e in values.values() for s in (-1, 1)] + [0.0]
+  ax = _Axes((-0.6, len(values) - 0.4), _limits(ys), title, "method", ylabel, xpad=0.0)
+  for i, (name, (m, e)) in enumerate(values.items()):
+    color = _COLORS[i % len(_COLORS)]
+    half = 0.3 * (ax.px(1) - ax.px(0))
+    if math.isfinite(m):
+      ax.draw.rectangle([ax.px(i) - half, min(ax.py(m), ax.py(0)), ax.px(i) + half,
+                         max(ax.py(m), ax.py(0))], fill=color)
+      if math.isfinite(e):
+        ax.draw.line([ax.px(i), ax.py(m - e), ax.px(i), ax.py(m + e)], fill="black", width=1)
+    ax.xtick(i, name)
+    ax.legend(i, name, color)
+  ax.save(path)
+
+
+# ------------------------------------------------------------------------------ html ---
+
+def write_html(path: str, summary: Mapping[str, Any], markdown: str,
+               plots: Sequence[str]) -> None:
+  """One page: the table, the plots, the definitions and the run's settings."""
+  table = summary["table"]
+  rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in table_cells(e))
+                 + "</tr>" for e in table)
+  head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+  drift = summary.get("theta0_regeneration")
+  drift_text = (f"Regenerating each query under θ0 itself gives pixel MSE {drift['mean_mse']:.2e}"
+                f" on average (max {drift['max_mse']:.2e}): ΔG's floor from the sampler's own "
+                "numerics." if drift else "ΔG was not measured.")
+  lds = summary.get("lds")
+  lds_text = (f"LDS: {lds['settings']['num_subsets']} random subsets of "
+              f"{lds['settings']['fraction']:g} of the training set (subset seed "
+              f"{lds['settings']['subset_seed']}); Spearman per query between Σ of a method's "
+              "scores over a subset's items and minus the query loss of the model trained on it;"
+              " mean ± s.e. over queries." if lds else "LDS was not run.")
+  page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Counterfactual
+evaluation</title><style>body{{font-family:sans-serif;max-width:1100px;margin:auto}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
+</style></head><body>
+<h1>Counterfactual evaluation</h1>
+<p>{summary['num_items']} training items, {len(summary['queries'])} queries, K =
+{', '.join(map(str, summary['ks']))}; {summary['models_trained_this_run']} models trained in
+this run, which took {summary['seconds_this_run']:.0f} s.</p>
+<table><tr>{head}</tr>{rows}</table>
+<p>ΔL = L(query, θ without the method's top-K) − L(query, θ0), the query's denoising loss
+averaged over timesteps 0, {summary['settings']['loss']['timestep_stride']}, … with keyed noise
+shared by both models; higher = the removed items mattered more. ΔL − random: the paired
+difference from random removal (random K-subsets, {summary['settings']['random_draws']} draws,
+averaged), per query, then mean ± s.e. over queries; "&gt; 2 s.e." says whether it exceeds two
+standard errors. ΔG: the query regenerated with the same prompt and seed under the retrained
+model, against the original image: pixel MSE (pixels in [0, 1]; higher = more influence) and
+cosine similarity of model-free random-conv features (lower = more influence). {drift_text}</p>
+<p>{lds_text}</p>
+{''.join(f'<img src="{html.escape(p)}" alt="{html.escape(p)}">' for p in plots)}
+<h2>Markdown</h2><pre>{html.escape(markdown)}</pre>
+<h2>Settings</h2><pre>{html.escape(json.dumps(summary['settings'], indent=2, sort_keys=True))}</pre>
+</body></html>
+"""
+  _write_text(path, page)
