@@ -10,6 +10,7 @@ Everything lands under `out_dir` and is reused when present with the same finger
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -103,7 +104,11 @@ class AbU:
     path = os.path.join(self.out_dir, name, "result")
     if os.path.exists(path + ".json"):
       try:
-        return scores_lib.load_result(path, expected_fingerprint=self.model_fingerprint)
+        done = scores_lib.load_result(path, expected_fingerprint=self.model_fingerprint)
+        stored = json.loads(json.dumps(done["meta"]["settings"]["abu"]))
+        if stored == json.loads(json.dumps(dataclasses.asdict(self.settings))):
+          return done
+        self.log(f"{name}: recomputing (the stored result used other AbU settings)")
       except ValueError as e:  # another model or a torn write: recompute
         self.log(f"{name}: recomputing ({e})")
     os.makedirs(os.path.dirname(path), exist_ok=True)
