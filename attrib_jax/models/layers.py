@@ -5,8 +5,12 @@ Every submodule is named like the attribute of its diffusers counterpart (`to_ou
 weights convert mechanically in both directions.
 
 Layout is NHWC throughout: convolutions, norms and attention all take the channel axis last, so
-the XLA graph has no layout transposes. Token sequences are the image rows flattened, `(B, H*W,
-C)`, which for channels-last data is a free reshape.
+there are no NCHW <-> NHWC transposes. Token sequences are the image rows flattened,
+`(B, H*W, C)`, which for channels-last data is a free reshape.
+
+CPU speed (see `dot_product_attention` and `Transformer2DModel`): the memory-bound parts of the
+transformers (attention scores, the GEGLU hidden layer) are computed a few samples at a time so
+that they stay in cache; on other backends the same modules run as single batched ops.
 
 Numerics: parameters are stored in `param_dtype` (float32 by default); `dtype` is the
 computation dtype. Normalisation statistics and softmax are always computed in float32, which
@@ -124,7 +128,8 @@ class GroupNorm(nn.Module):
   def __call__(self, x: Array) -> Array:
     channels = x.shape[-1]
     if channels % self.num_groups:
-      raise ValueError(f"GroupNorm: {channels} channels do not split into {self.num_groups} groups")
+      raise ValueError(f"GroupNorm: {channels} channels do not split into "
+                       f"{self.num_groups} groups")
     scale = self.param("scale", nn.initializers.ones, (channels,), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype)
     batch = x.shape[0]
@@ -245,8 +250,25 @@ class Upsample2D(nn.Module):
     return x
 
 
-# Scores of at most this many bytes are materialised at once by the CPU attention path.
-_CPU_SCORE_BYTES = 2 << 20
+# Working-set budgets of the CPU paths (bytes per loop iteration), a few L2-sized blocks: the
+# AMD EPYC these were tuned on has 1 MiB of L2 per core and 32 MiB of shared L3.
+_CPU_SCORE_BYTES = 4 << 20
+_CPU_TRANSFORMER_BYTES = 8 << 20
+
+
+def resolve_attention_impl(impl: str) -> str:
+  """"auto" -> "cpu" on the CPU backend, "xla" elsewhere; checks the name."""
+  if impl == "auto":
+    return "cpu" if jax.default_backend() == "cpu" else "xla"
+  if impl not in ("cpu", "xla"):
+    raise ValueError(f"Unknown attention impl {impl!r} (auto, cpu, xla)")
+  return impl
+
+
+def batch_chunk(batch: int, bytes_per_item: int, budget: int) -> int:
+  """The largest divisor of `batch` whose items fit in `budget` bytes (at least 1)."""
+  return max([c for c in range(1, batch + 1) if batch % c == 0 and c * bytes_per_item <= budget]
+             or [1])
 
 
 def _softmax_attention(q: Array, k: Array, v: Array, upcast: bool) -> Array:
@@ -264,7 +286,7 @@ def dot_product_attention(q: Array, k: Array, v: Array, heads: int, *, upcast: b
 
   impl:
     "cpu": heads-major (B, H, L, D) operands, and a sequential loop over groups of batch
-      elements sized so that each group's score matrix (~2 MiB) stays in cache. On a CPU,
+      elements sized so that each group's scores fit `_CPU_SCORE_BYTES` (cache). On a CPU,
       attention over 16x16 latents is bound by writing and re-reading the (B, H, L, M) scores;
       this path measured 5-10x faster than one batched einsum or `jax.nn.dot_product_attention`
       (and it is what PyTorch's CPU flash attention does by other means). The loop runs over a
@@ -274,8 +296,7 @@ def dot_product_attention(q: Array, k: Array, v: Array, heads: int, *, upcast: b
   `upcast` computes the scores in float32 even for bfloat16 inputs (diffusers'
   `upcast_attention`; the scores are accumulated in float32 either way).
   """
-  if impl == "auto":
-    impl = "cpu" if jax.default_backend() == "cpu" else "xla"
+  impl = resolve_attention_impl(impl)
   batch, length, inner = q.shape
   source = k.shape[1]
   dim_head = inner // heads
@@ -287,13 +308,9 @@ def dot_product_attention(q: Array, k: Array, v: Array, heads: int, *, upcast: b
       q, k = q.astype(jnp.float32), k.astype(jnp.float32)
     out = jax.nn.dot_product_attention(q, k, v.astype(q.dtype)).astype(v.dtype)
     return out.reshape(batch, length, inner)
-  if impl != "cpu":
-    raise ValueError(f"Unknown attention impl {impl!r} (auto, cpu, xla)")
   q = q * jnp.asarray(1.0 / math.sqrt(dim_head), q.dtype)
   q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, H, L, D)
-  per_item = heads * length * source * 4
-  chunk = max([c for c in range(1, batch + 1)
-               if batch % c == 0 and c * per_item <= _CPU_SCORE_BYTES] or [1])
+  chunk = batch_chunk(batch, heads * length * source * 4, _CPU_SCORE_BYTES)
   if chunk == batch:
     out = _softmax_attention(q, k, v, upcast)
   else:
@@ -446,6 +463,10 @@ class Transformer2DModel(nn.Module):
   GroupNorm (eps 1e-6) -> proj_in (1x1 conv, or Dense when `use_linear_projection`; the two are
   the same map, but the parameter shapes differ, so the flag must match the checkpoint) ->
   transformer blocks over the H*W tokens -> proj_out -> + input.
+
+  With the "cpu" attention impl the whole module runs over groups of samples in a scan (params
+  broadcast, so paths and gradients are unchanged), each group's intermediates within
+  `_CPU_TRANSFORMER_BYTES`.
   """
   heads: int
   dim_head: int
@@ -461,6 +482,26 @@ class Transformer2DModel(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, context: Optional[Array] = None) -> Array:
+    batch, height, width, _ = x.shape
+    inner = self.heads * self.dim_head
+    chunk = batch
+    if resolve_attention_impl(self.attention_impl) == "cpu":
+      # Everything here acts on one sample at a time, so on a CPU the batch is processed in
+      # groups whose intermediates (the GEGLU hidden layer, the attention scores) stay in
+      # cache: 30% less time at 16x16 latents than one pass over the whole batch.
+      tokens = height * width
+      sources = max(tokens, context.shape[1] if context is not None else 0)
+      per_item = 4 * max(8 * tokens * inner, self.heads * tokens * sources)
+      chunk = batch_chunk(batch, per_item, _CPU_TRANSFORMER_BYTES)
+    if chunk == batch:
+      return self._forward(x, context)
+    groups = lambda t: t.reshape((batch // chunk, chunk) + t.shape[1:])
+    body = lambda module, carry, xs: (carry, module._forward(*xs))
+    scan = nn.scan(body, variable_broadcast="params", split_rngs={"params": False})
+    _, out = scan(self, None, (groups(x), None if context is None else groups(context)))
+    return out.reshape(x.shape)
+
+  def _forward(self, x: Array, context: Optional[Array]) -> Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     batch, height, width, channels = x.shape
     inner = self.heads * self.dim_head

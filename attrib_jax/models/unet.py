@@ -44,13 +44,12 @@ _DEFAULTS: dict[str, Any] = {
     "freq_shift": 0,
     "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
                          "DownBlock2D"),
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
     "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
                        "CrossAttnUpBlock2D"),
     "block_out_channels": (320, 640, 1280, 1280), "layers_per_block": 2,
     "downsample_padding": 1, "mid_block_scale_factor": 1.0, "act_fn": "silu",
     "norm_num_groups": 32, "norm_eps": 1e-5, "cross_attention_dim": 1280,
-    "transformer_layers_per_block": 1, "attention_head_dim": 8, "num_attention_heads": None,
+    "transformer_layers_per_block": 1, "attention_head_dim": 8,
     "use_linear_projection": False, "upcast_attention": False, "time_embedding_dim": None,
     "time_embedding_act_fn": None, "timestep_post_act": None, "conv_in_kernel": 3,
     "conv_out_kernel": 3,
@@ -87,7 +86,7 @@ _IGNORED = (
     "projection_class_embeddings_input_dim",  # class_embed_type / addition_embed_type
 )
 
-_USED = tuple(_DEFAULTS)
+_USED = tuple(k for k in _DEFAULTS if k not in _PINNED)  # check_config reads `used` first
 
 
 def _per_block(config: Mapping[str, Any], key: str, count: int) -> tuple:
@@ -154,8 +153,6 @@ class UNetConfig:
     if len(up) != n or len(c["block_out_channels"]) != n:
       raise bad("up_block_types", "down_block_types, up_block_types and block_out_channels "
                 "must have the same length")
-    if c["mid_block_type"] != "UNetMidBlock2DCrossAttn":  # pinned; kept for clarity
-      raise bad("mid_block_type", "only UNetMidBlock2DCrossAttn")
     if not isinstance(c["norm_num_groups"], int):
       raise bad("norm_num_groups", "an int is required (None skips output norms)")
     transformer_layers = _per_block(c, "transformer_layers_per_block", n)
