@@ -23,7 +23,6 @@ from attrib_jax import parallel
 from attrib_jax.attribution import runner
 from attrib_jax import baselines
 from attrib_jax.data import precompute
-from attrib_jax.models import pipeline as pipeline_lib
 from attrib_jax.training import recipe
 from launch import common
 
@@ -41,10 +40,7 @@ def main(argv):
   del argv
   common.start()
   config, workdir = _CONFIG.value, _WORKDIR.value
-  model_dir = os.path.join(workdir, "model")
-  if not os.path.exists(os.path.join(model_dir, "DONE.json")):
-    raise FileNotFoundError(f"No trained model in {model_dir}: run launch.train first")
-  pipe = pipeline_lib.load_pipeline(model_dir)
+  pipe = common.load_trained_pipeline(workdir)
   arrays = precompute.load(os.path.join(workdir, "precomputed"))
   source = recipe.open_dataset(config, os.path.join(workdir, "tfds"))
   out_dir = os.path.join(workdir, "attribution")

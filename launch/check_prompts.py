@@ -17,7 +17,6 @@ from ml_collections import config_flags
 from attrib_jax import visualize
 from attrib_jax.data import tiny_world_detector
 from attrib_jax.evaluation import prompt_following
-from attrib_jax.models import pipeline as pipeline_lib
 from attrib_jax.training import recipe
 from launch import common
 
@@ -41,7 +40,7 @@ def main(argv):
   real = prompt_following.validate_detector(world.images, world.attributes)
   common.log(f"detector on {len(world.images)} real images: colour+shape {real['joint']:.3f}")
 
-  pipe = pipeline_lib.load_pipeline(os.path.join(workdir, "model"))
+  pipe = common.load_trained_pipeline(workdir)
   scenes = prompt_following.fresh_scenes(config.generate.seed, _NUM.value)
   g = config.generate
   generated, queries = prompt_following.check(pipe, scenes, seed=g.seed + 10_000,

@@ -1,6 +1,10 @@
 """What every launcher does first: multi-host start-up and quiet library logs."""
+import os
+
 from absl import flags
 from absl import logging
+
+from attrib_jax.models import pipeline
 
 _MULTIHOST = flags.DEFINE_bool("multihost", False,
                                "Call jax.distributed.initialize() first (TPU pods, Slurm, MPI).")
@@ -17,3 +21,11 @@ def start() -> None:
 def log(message: str) -> None:
   """Progress lines go to stdout, unbuffered."""
   print(message, flush=True)
+
+
+def load_trained_pipeline(workdir: str):
+  """The model `launch.train` finished in workdir (a clear error if it has not)."""
+  model_dir = os.path.join(workdir, "model")
+  if not os.path.exists(os.path.join(model_dir, "DONE.json")):
+    raise FileNotFoundError(f"No trained model in {model_dir}: run launch.train first")
+  return pipeline.load_pipeline(model_dir)

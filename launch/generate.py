@@ -17,7 +17,6 @@ from ml_collections import config_flags
 
 from attrib_jax import generation
 from attrib_jax import visualize
-from attrib_jax.models import pipeline as pipeline_lib
 from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -54,10 +53,7 @@ def main(argv):
   del argv
   common.start()
   config, workdir = _CONFIG.value, _WORKDIR.value
-  model_dir = os.path.join(workdir, "model")
-  if not os.path.exists(os.path.join(model_dir, "DONE.json")):
-    raise FileNotFoundError(f"No trained model in {model_dir}: run launch.train first")
-  pipe = pipeline_lib.load_pipeline(model_dir)
+  pipe = common.load_trained_pipeline(workdir)
   root = os.path.join(workdir, "queries")
   plan = [q for q in query_plan(config, workdir)
           if not os.path.exists(os.path.join(root, q[0], "query.json"))]
@@ -70,7 +66,7 @@ def main(argv):
                                   batch_size=g.batch_size)
     for (name, _, _, truth), query in zip(plan, queries):
       generation.save_query(os.path.join(root, name), query,
-                            dict(truth, model_dir=os.path.abspath(model_dir)))
+                            dict(truth, model_dir=os.path.abspath(os.path.join(workdir, "model"))))
   done = [generation.load_query(d) for d in generation.list_queries(root)]
   visualize.save_image_grid(os.path.join(root, "overview.png"), np.stack([q.image for q in done]),
                             [q.info["prompt"] for q in done], columns=6, scale=6)
