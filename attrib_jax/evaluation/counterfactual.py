@@ -56,6 +56,7 @@ from attrib_jax.diffusion import loss as loss_lib
 from attrib_jax.diffusion import sampling
 from attrib_jax.diffusion.schedules import NoiseSchedule
 from attrib_jax.generation import Query
+from attrib_jax.training import recipe
 
 TrainFn = Callable[[np.ndarray, str], Any]        # (sorted excluded indices, workdir) -> params
 Regenerate = Callable[[Any, Query], np.ndarray]   # (params, query) -> uint8 image [H, W, 3]
@@ -120,7 +121,7 @@ class ModelCache:
     return params
 
 
-TRAINING_FREE_KEYS = ("name", "generate", "attribution", "attribution_top_k", "evaluation")
+TRAINING_FREE_KEYS = tuple(sorted(recipe.NOT_TRAINING_KEYS))
 
 
 def training_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -140,7 +141,6 @@ def training_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 
 
 def recipe_fingerprint(config: ml_collections.ConfigDict) -> str:
-  from attrib_jax.training import recipe  # pylint: disable=g-import-not-at-top
   return recipe.fingerprint(training_config(config).to_dict())
 
 
@@ -214,7 +214,6 @@ def recipe_train_fn(config: ml_collections.ConfigDict, data_workdir: str, *,
   the model is written unless `keep_checkpoints`.
   """
   from attrib_jax.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
-  from attrib_jax.training import recipe  # pylint: disable=g-import-not-at-top
   train_config = training_config(config)
 
   def train(excluded: np.ndarray, workdir: str) -> Any:
@@ -232,7 +231,6 @@ def prepare_data_workdir(config: ml_collections.ConfigDict, base_workdir: str, d
                          log: Callable[[str], None] = print) -> str:
   """A data workdir for `config` (e.g. another training seed) sharing the base's dataset and
   text side; its arrays are precomputed once, here, and linked by every model of that seed."""
-  from attrib_jax.training import recipe  # pylint: disable=g-import-not-at-top
   os.makedirs(os.path.join(directory, "model"), exist_ok=True)
   _link(os.path.join(base_workdir, "tfds"), os.path.join(directory, "tfds"))
   for name in ("text_encoder", "tokenizer", "vae"):

@@ -36,6 +36,11 @@ from attrib_jax.training import loop
 from attrib_jax.visualize import save_image_grid
 
 
+# Config blocks that do not change the trained weights.
+NOT_TRAINING_KEYS = frozenset({"name", "generate", "attribution", "attribution_top_k",
+                               "evaluation"})
+
+
 class DatasetSource(NamedTuple):
   num_items: int
   get_items: Callable[[np.ndarray], tuple]  # indices -> (images uint8, captions, indices)
@@ -161,10 +166,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, excluded=(), log=pri
   model_dir = os.path.join(workdir, "model")
   done_path = os.path.join(model_dir, "DONE.json")
   settings = {"config": config.to_dict(), "excluded": sorted(int(i) for i in excluded)}
+  # Blocks that cannot change the trained weights are left out of the fingerprint, so that
+  # e.g. an attribution override does not make the finished model look stale.
+  trained_with = {"config": {k: v for k, v in settings["config"].items()
+                             if k not in NOT_TRAINING_KEYS}, "excluded": settings["excluded"]}
   if os.path.exists(done_path):
     with open(done_path) as f:
       done = json.load(f)
-    if done["fingerprint"] == fingerprint(settings):
+    if done["fingerprint"] == fingerprint(trained_with):
       log(f"train: reusing the trained model in {model_dir}")
       return model_dir
     raise ValueError(f"{model_dir} holds a model trained with other settings; use another "
@@ -191,7 +200,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, excluded=(), log=pri
   params = state.ema_params if state.ema_params is not None else state.params
   pipeline_lib.save_unet(os.path.join(model_dir, "unet"), jax.device_get(params), unet_config)
   with open(done_path + ".tmp", "w") as f:
-    json.dump({"fingerprint": fingerprint(settings), "settings": settings}, f, indent=2)
+    json.dump({"fingerprint": fingerprint(trained_with), "settings": settings}, f, indent=2)
   os.replace(done_path + ".tmp", done_path)
   log(f"train: model written to {model_dir}")
   return model_dir
