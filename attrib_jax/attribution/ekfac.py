@@ -334,15 +334,7 @@ class _Plan:
 
 
 def _plan(apply_fn, params, arrays, rows, settings: EKFACSettings) -> _Plan:
-  rows = np.arange(len(arrays["index"])) if rows is None else np.asarray(rows)
-  index = np.asarray(arrays["index"])[rows].astype(np.int64)
-  if index.size == 0:
-    raise ValueError("EK-FAC needs at least one item")
-  if index.min() < 0 or index.max() >= 2**32:
-    raise ValueError("dataset indices must fit in uint32 (they key the random draws)")
-  num_captions = np.asarray(arrays["num_captions"])[rows]
-  if (num_captions < 1).any():
-    raise ValueError("every item needs at least one real caption")
+  rows, index, num_captions = fisher_lib.checked_items(arrays, rows, "EK-FAC")
   if settings.num_epochs < 1:
     raise ValueError("num_epochs must be >= 1")
   selected, _ = selection.split(params, selection.select(params, settings.selection))

@@ -171,6 +171,22 @@ def _fingerprint(params_fp: str, settings: FisherSettings, index: np.ndarray,
           {"alphas_cumprod": schedule.alphas_cumprod}) + schedule.prediction_type})
 
 
+def checked_items(arrays: Mapping[str, Any], rows: np.ndarray | None, who: str
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(rows, dataset indices, caption counts) of the items a per-example pass draws over,
+  refusing what would break its keyed draws: no items, indices beyond uint32, no caption."""
+  rows = np.arange(len(arrays["index"])) if rows is None else np.asarray(rows)
+  index = np.asarray(arrays["index"])[rows].astype(np.int64)
+  if index.size == 0:
+    raise ValueError(f"{who} needs at least one item")
+  if index.min() < 0 or index.max() >= 2**32:
+    raise ValueError("dataset indices must fit in uint32 (they key the random draws)")
+  num_captions = np.asarray(arrays["num_captions"])[rows]
+  if (num_captions < 1).any():
+    raise ValueError("every item needs at least one real caption")
+  return rows, index, num_captions
+
+
 def compute_fisher(apply_fn: Callable, params: Mapping[str, Any], arrays: Mapping[str, Any],
                    schedule: NoiseSchedule, *, settings: FisherSettings = FisherSettings(),
                    mesh=None, rows: np.ndarray | None = None,
@@ -190,15 +206,7 @@ def compute_fisher(apply_fn: Callable, params: Mapping[str, Any], arrays: Mappin
     progress: called with a `Progress` every `progress_every` micro-batches and at the end.
   """
   mesh = mesh or parallel.make_mesh()
-  rows = np.arange(len(arrays["index"])) if rows is None else np.asarray(rows)
-  index = np.asarray(arrays["index"])[rows].astype(np.int64)
-  if index.size == 0:
-    raise ValueError("compute_fisher needs at least one item")
-  if index.min() < 0 or index.max() >= 2**32:
-    raise ValueError("dataset indices must fit in uint32 (they key the random draws)")
-  num_captions = np.asarray(arrays["num_captions"])[rows]
-  if (num_captions < 1).any():
-    raise ValueError("every item needs at least one real caption")
+  rows, index, num_captions = checked_items(arrays, rows, "compute_fisher")
   mask = selection.select(params, settings.selection)
   selected, rest = selection.split(params, mask)
   batch = parallel.pad_to_multiple(settings.batch_size, mesh.size)
