@@ -20,7 +20,7 @@ thread pool). Per repeat the sides alternate (ours unlearn, torch unlearn, ours 
 sweep), so load from other processes hits both alike; reported are the median and best of the
 repeats after a warm-up. Ours' first calls include compilation, reported separately.
 
-Configs: `tiny` = configs/tiny.py's UNet (16x16x12, cross-attention 64, random text states
+Configs: `tiny` = configs/tiny.py's UNet (8x8x48 through the pixel codec, cross-attention 64, text states
 16x64), `mscoco` = configs/mscoco.py's UNet (SPEC §1, 57.4M parameters; 16x16x4, text 77x1024)
 over a few hundred items; random latents and text states; settings scaled to minutes on 2 cores.
 Finally the sweep's throughput on 1, 2, 4, 8 fake CPU devices (subprocesses of this script with

@@ -36,12 +36,14 @@ def main(argv):
   from attrib_jax.data import tiny_world  # pylint: disable=g-import-not-at-top
   w = config.world
   world = tiny_world.generate_world(seed=w.seed, num_items=min(_NUM_REAL.value, w.num_items),
-                                    resolution=w.resolution, rare_count=0)
+                                    resolution=w.resolution, rare_count=0,
+                                    **({"patterns": tuple(w.patterns)} if "patterns" in w else {}))
   real = prompt_following.validate_detector(world.images, world.attributes)
   common.log(f"detector on {len(world.images)} real images: colour+shape {real['joint']:.3f}")
 
   pipe = common.load_trained_pipeline(workdir)
-  scenes = prompt_following.fresh_scenes(config.generate.seed, _NUM.value)
+  scenes = prompt_following.fresh_scenes(config.generate.seed, _NUM.value,
+                                         tuple(w.patterns) if "patterns" in w else None)
   g = config.generate
   generated, queries = prompt_following.check(pipe, scenes, seed=g.seed + 10_000,
                                               sampler=g.sampler, num_steps=g.num_steps,

@@ -306,6 +306,22 @@ def test_same_seeds_same_table(world, first_run, tmp_path):
   assert lines[0].startswith("| method | K |") and len(lines) == 2 + 4 * 2
 
 
+def test_retraining_timings_in_the_summary(first_run):
+  _, train, summary = first_run
+  timing = summary["retraining"]
+  assert timing["models"] == len(train.calls) > 0
+  assert timing["seconds_total"] >= 0 and timing["cache_misses"] >= 0
+
+
+def test_jit_clock_sees_compilation():
+  clock = cf.jit_clock()
+  before = clock.snapshot()
+  jax.jit(lambda x: jnp.sin(x) * 3.0 + 0.25)(jnp.arange(5.0))  # a new function: traced, compiled
+  spent = cf.JitClock.delta(before, clock.snapshot())
+  assert spent["trace"] > 0 and spent["compile"] > 0
+  assert "persistent cache" in cf.JitClock.describe(spent)
+
+
 def test_settings_refuse_unknown_keys():
   with pytest.raises(ValueError, match="unknown key"):
     eval_report.EvalSettings.from_config({"kss": (1,)})

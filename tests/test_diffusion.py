@@ -100,7 +100,6 @@ def test_defaults_are_diffusers_defaults():
     {"trained_betas": [0.1, 0.2]},
     {"variance_type": "learned_range"},
     {"beta_schedule": "sigmoid"},
-    {"prediction_type": "sample"},
     {"timestep_spacing": "karras"},
     {"_class_name": "EulerDiscreteScheduler"},
 ])
@@ -167,7 +166,7 @@ def fixed_ddpm_noise(monkeypatch):
 
 @pytest.mark.parametrize("beta_schedule", list(BETA_RANGES))
 @pytest.mark.parametrize("prediction_type,clip_sample", [
-    ("epsilon", True), ("epsilon", False), ("v_prediction", True)])
+    ("epsilon", True), ("epsilon", False), ("v_prediction", True), ("sample", True)])
 def test_ddpm_step_matches_diffusers(beta_schedule, prediction_type, clip_sample,
                                      fixed_ddpm_noise):
   config = _config(beta_schedule, prediction_type=prediction_type, clip_sample=clip_sample,
@@ -206,6 +205,7 @@ def test_ddpm_step_after_set_timesteps(fixed_ddpm_noise):
     dict(),
     dict(clip_sample=False, set_alpha_to_one=False),
     dict(prediction_type="v_prediction", clip_sample_range=0.8),
+    dict(prediction_type="sample", clip_sample_range=0.8),
 ])
 def test_ddim_step_matches_diffusers(beta_schedule, eta, options):
   config = _config(beta_schedule, **options)
@@ -363,7 +363,7 @@ def _linear_apply(params, x_t, t, text_states):
   return params["w"] * x_t + jnp.mean(text_states, axis=(1, 2))[:, None, None, None]
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_loss_matches_numpy(prediction_type):
   schedule = NoiseSchedule.from_config(_config(prediction_type=prediction_type))
   x0, noise = _random(20), _random(21)
@@ -376,7 +376,8 @@ def test_loss_matches_numpy(prediction_type):
   a = np.asarray(schedule.alphas_cumprod, np.float64)[t][:, None, None, None]
   x_t = np.sqrt(a) * x0 + np.sqrt(1 - a) * noise
   prediction = 0.3 * x_t + text.mean(axis=(1, 2))[:, None, None, None]
-  target = noise if prediction_type == "epsilon" else np.sqrt(a) * noise - np.sqrt(1 - a) * x0
+  target = {"epsilon": noise, "v_prediction": np.sqrt(a) * noise - np.sqrt(1 - a) * x0,
+            "sample": x0}[prediction_type]
   expected = ((prediction - target)**2).mean(axis=(1, 2, 3))
   assert ours.shape == (SHAPE[0],) and ours.dtype == jnp.float32
   np.testing.assert_allclose(ours, expected, rtol=1e-5)

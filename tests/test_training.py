@@ -115,3 +115,37 @@ def test_excluded_file(tmp_path):
   path.write_text("5\nfive\n")
   with pytest.raises(ValueError, match="excluded.txt:2: not an integer"):
     input_pipeline.read_excluded_file(str(path))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_min_snr_weights_give_every_target_the_same_x0_weight(prediction_type):
+  """Per unit of x0 error every target ends up weighted min(SNR, γ) (float64 reference)."""
+  schedule = NoiseSchedule.from_config({"num_train_timesteps": 1000,
+                                        "beta_schedule": "squaredcos_cap_v2",
+                                        "prediction_type": prediction_type})
+  t = np.array([0, 10, 200, 500, 800, 999])
+  weights = np.asarray(trainer.min_snr_weights(schedule, t, 5.0), np.float64)
+  a = np.asarray(schedule.alphas_cumprod, np.float64)[t]
+  snr = a / (1 - a)
+  # The x0 error's weight inside each loss: ε loss = SNR · x0 loss, v loss = (SNR + 1) · x0 loss.
+  per_x0 = {"epsilon": snr, "v_prediction": snr + 1, "sample": np.ones_like(snr)}
+  np.testing.assert_allclose(weights * per_x0[prediction_type], np.minimum(snr, 5.0), rtol=1e-4)
+
+
+def test_cosine_learning_rate_warms_up_then_decays_to_zero():
+  optimizer = trainer.make_optimizer(1e-2, warmup_steps=10, weight_decay=0.0,
+                                     grad_clip_norm=None, lr_schedule="cosine", num_steps=110)
+  params = {"w": np.zeros(3, np.float32)}
+  state = optimizer.init(params)
+  grads = {"w": np.ones(3, np.float32)}
+  steps = []
+  for _ in range(110):
+    updates, state = optimizer.update(grads, state, params)
+    steps.append(float(abs(updates["w"][0])))
+  # Adam's first steps move by ~lr: the rate ramps up, peaks after the warm-up, ends near 0.
+  assert steps[0] < steps[5] < steps[9] and max(steps) == pytest.approx(1e-2, rel=0.05)
+  assert steps[-1] < 1e-4 and steps[60] < steps[20]
+  with pytest.raises(ValueError, match="lr_schedule"):
+    trainer.make_optimizer(1e-3, 10, 0.0, lr_schedule="exponential")
+  with pytest.raises(ValueError, match="num_steps"):
+    trainer.make_optimizer(1e-3, 10, 0.0, lr_schedule="cosine", num_steps=5)

@@ -15,6 +15,7 @@ import os
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+import jax
 import numpy as np
 
 from attrib_jax import generation
@@ -116,6 +117,7 @@ class AbU:
     params_after = unlearn_lib.unlearn(
         self.apply_fn, self.params, self.fisher, query.latent, query.text_states, self.schedule,
         num_train=len(self.index), settings=self.settings.unlearn, mesh=self.mesh)
+    jax.block_until_ready(params_after)   # dispatch is asynchronous: time the work itself
     t1 = time.time()
     result = sweep_lib.sweep(
         self.apply_fn, self.params, params_after, self.arrays, self.schedule,

@@ -196,6 +196,8 @@ def _prediction_and_target(apply_fn, params, schedule, x0, text, t, noise):
     return prediction, noise.astype(jnp.float32)
   if schedule.prediction_type == "v_prediction":
     return prediction, velocity(schedule, x0, noise, t)
+  if schedule.prediction_type == "sample":
+    return prediction, x0.astype(jnp.float32)
   raise ValueError(f"prediction_type {schedule.prediction_type!r} is not supported")
 
 

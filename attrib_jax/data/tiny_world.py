@@ -292,8 +292,12 @@ def _sample_object(rng: np.random.Generator, position: str, pair: bool) -> dict[
 
 
 def sample_scene(rng: np.random.Generator, rare: str | None = None,
-                 two_objects: bool = False) -> dict[str, Any]:
-  """Draws a scene of common attributes, then plants the rare concept `rare` if given."""
+                 two_objects: bool = False,
+                 patterns: Sequence[str] = PATTERNS) -> dict[str, Any]:
+  """Draws a scene of common attributes, then plants the rare concept `rare` if given.
+
+  `patterns`: the background patterns common scenes draw from (a subset of PATTERNS).
+  """
   if two_objects:
     if rare is not None:
       raise ValueError("rare concepts are planted in single-object scenes only")
@@ -304,7 +308,7 @@ def sample_scene(rng: np.random.Generator, rare: str | None = None,
   scene = {
       "objects": objects,
       "background": _choice(rng, list(BACKGROUNDS)),
-      "pattern": _choice(rng, PATTERNS),
+      "pattern": _choice(rng, patterns),
       "background_seed": int(rng.integers(2**31)),
       "rare": rare,
   }
@@ -329,7 +333,10 @@ class World(NamedTuple):
 
 
 def _check_settings(num_items: int, resolution: int, rare_concepts: Sequence[str],
-                    rare_count: int, two_object_fraction: float) -> None:
+                    rare_count: int, two_object_fraction: float,
+                    patterns: Sequence[str] = PATTERNS) -> None:
+  if not patterns or set(patterns) - set(PATTERNS):
+    raise ValueError(f"patterns must be a non-empty subset of {PATTERNS}, got {list(patterns)}")
   if num_items < 1:
     raise ValueError(f"num_items must be >= 1, got {num_items}")
   if resolution < 16:
@@ -356,32 +363,34 @@ def plan_rare_concepts(seed: int, num_items: int, rare_concepts: Sequence[str] =
 
 def iter_world(seed: int = 0, num_items: int = 2000, resolution: int = 32, *,
                rare_concepts: Sequence[str] = tuple(RARE_CONCEPTS), rare_count: int = 5,
-               two_object_fraction: float = 0.0
+               two_object_fraction: float = 0.0, patterns: Sequence[str] = PATTERNS
                ) -> Iterator[tuple[int, np.ndarray, list[str], dict[str, Any]]]:
   """Yields (index, image, captions, scene) item by item; see `generate_world`.
 
   Item i draws from its own random stream (seeded by (seed, i)), so it does not depend on how
   many items come before it; only which items are rare depends on num_items.
   """
-  _check_settings(num_items, resolution, rare_concepts, rare_count, two_object_fraction)
+  _check_settings(num_items, resolution, rare_concepts, rare_count, two_object_fraction,
+                  patterns)
   rare_of = {i: name for name, items in plan_rare_concepts(
       seed, num_items, rare_concepts, rare_count).items() for i in items}
   for index in range(num_items):
-    scene = _item_scene(seed, index, rare_of.get(index), two_object_fraction)
+    scene = _item_scene(seed, index, rare_of.get(index), two_object_fraction, patterns)
     yield index, render_scene(scene, resolution), caption_scene(scene), scene
 
 
 def _item_scene(seed: int, index: int, rare: str | None,
-                two_object_fraction: float) -> dict[str, Any]:
+                two_object_fraction: float,
+                patterns: Sequence[str] = PATTERNS) -> dict[str, Any]:
   """The scene of item `index`, from its own random stream."""
   rng = np.random.default_rng([seed, 1, index])
   two_objects = bool(rng.random() < two_object_fraction) and rare is None
-  return sample_scene(rng, rare=rare, two_objects=two_objects)
+  return sample_scene(rng, rare=rare, two_objects=two_objects, patterns=patterns)
 
 
 def describe_rare_concepts(seed: int, num_items: int, rare_concepts: Sequence[str] = tuple(
-    RARE_CONCEPTS), rare_count: int = 5, two_object_fraction: float = 0.0
-                           ) -> dict[str, dict[str, Any]]:
+    RARE_CONCEPTS), rare_count: int = 5, two_object_fraction: float = 0.0,
+                           patterns: Sequence[str] = PATTERNS) -> dict[str, dict[str, Any]]:
   """The ground truth about each planted concept, JSON-serialisable.
 
   For each concept: its kind, caption word, description, the items holding it, `prompts` (the
@@ -391,12 +400,12 @@ def describe_rare_concepts(seed: int, num_items: int, rare_concepts: Sequence[st
   plan = plan_rare_concepts(seed, num_items, rare_concepts, rare_count)
   out = {}
   for k, (name, indices) in enumerate(plan.items()):
-    prompts = [caption_scene(_item_scene(seed, i, name, two_object_fraction))[0]
+    prompts = [caption_scene(_item_scene(seed, i, name, two_object_fraction, patterns))[0]
                for i in indices]
     rng = np.random.default_rng([seed, 2, k])
-    unseen = caption_scene(sample_scene(rng, rare=name))[0]
+    unseen = caption_scene(sample_scene(rng, rare=name, patterns=patterns))[0]
     while unseen in prompts:
-      unseen = caption_scene(sample_scene(rng, rare=name))[0]
+      unseen = caption_scene(sample_scene(rng, rare=name, patterns=patterns))[0]
     out[name] = {
         "kind": {"pattern": "background"}.get(RARE_CONCEPTS[name][0], RARE_CONCEPTS[name][0]),
         "word": name,
@@ -410,7 +419,8 @@ def describe_rare_concepts(seed: int, num_items: int, rare_concepts: Sequence[st
 
 def generate_world(seed: int = 0, num_items: int = 2000, resolution: int = 32, *,
                    rare_concepts: Sequence[str] = tuple(RARE_CONCEPTS), rare_count: int = 5,
-                   two_object_fraction: float = 0.0) -> World:
+                   two_object_fraction: float = 0.0,
+                   patterns: Sequence[str] = PATTERNS) -> World:
   """Generates the whole world in memory, deterministically from `seed`.
 
   Args:
@@ -420,6 +430,8 @@ def generate_world(seed: int = 0, num_items: int = 2000, resolution: int = 32, *
     rare_concepts: which rare concepts to plant (names of RARE_CONCEPTS).
     rare_count: how many items hold each rare concept.
     two_object_fraction: probability that a (non-rare) item shows two objects.
+    patterns: background patterns of common items (a subset of PATTERNS; fewer patterns make
+      a world a small model learns sooner).
 
   Returns:
     World(images uint8 [N, H, W, 3], captions, attributes, rare_concepts).
@@ -428,11 +440,12 @@ def generate_world(seed: int = 0, num_items: int = 2000, resolution: int = 32, *
   captions, attributes = [], []
   for index, image, item_captions, scene in iter_world(
       seed, num_items, resolution, rare_concepts=rare_concepts, rare_count=rare_count,
-      two_object_fraction=two_object_fraction):
+      two_object_fraction=two_object_fraction, patterns=patterns):
     images[index] = image
     captions.append(item_captions)
     attributes.append(scene)
-  rare = describe_rare_concepts(seed, num_items, rare_concepts, rare_count, two_object_fraction)
+  rare = describe_rare_concepts(seed, num_items, rare_concepts, rare_count, two_object_fraction,
+                                patterns)
   return World(images, captions, attributes, rare)
 
 
@@ -448,15 +461,16 @@ class TinyWorldConfig(tfds.core.BuilderConfig):
   rare_concepts: tuple[str, ...] = tuple(RARE_CONCEPTS)
   rare_count: int = 5
   two_object_fraction: float = 0.0
+  patterns: tuple[str, ...] = PATTERNS
 
   def world_kwargs(self) -> dict[str, Any]:
     return {"seed": self.seed, "num_items": self.num_items, "resolution": self.resolution,
             "rare_concepts": tuple(self.rare_concepts), "rare_count": self.rare_count,
-            "two_object_fraction": self.two_object_fraction}
+            "two_object_fraction": self.two_object_fraction, "patterns": tuple(self.patterns)}
 
 
 _DEFAULT_EXTRAS = {"rare_concepts": list(RARE_CONCEPTS), "rare_count": 5,
-                   "two_object_fraction": 0.0}
+                   "two_object_fraction": 0.0, "patterns": list(PATTERNS)}
 
 
 def _config_name(seed: int, num_items: int, resolution: int, extras: dict[str, Any]) -> str:
@@ -470,18 +484,20 @@ def _config_name(seed: int, num_items: int, resolution: int, extras: dict[str, A
 def _make_config(seed: int, num_items: int, resolution: int, **extras: Any) -> TinyWorldConfig:
   settings = {**_DEFAULT_EXTRAS, **extras}
   settings["rare_concepts"] = list(settings["rare_concepts"])
+  settings["patterns"] = list(settings["patterns"])
   unknown = set(settings) - set(_DEFAULT_EXTRAS)
   if unknown:
     raise TypeError(f"unknown tiny world settings: {sorted(unknown)}")
   _check_settings(num_items, resolution, settings["rare_concepts"], settings["rare_count"],
-                  settings["two_object_fraction"])
+                  settings["two_object_fraction"], settings["patterns"])
   plan_rare_concepts(seed, num_items, settings["rare_concepts"], settings["rare_count"])
   return TinyWorldConfig(
       name=_config_name(seed, num_items, resolution, settings),
       description=f"tiny world: seed {seed}, {num_items} items, {resolution}px, {settings}",
       seed=seed, num_items=num_items, resolution=resolution,
       rare_concepts=tuple(settings["rare_concepts"]), rare_count=settings["rare_count"],
-      two_object_fraction=float(settings["two_object_fraction"]))
+      two_object_fraction=float(settings["two_object_fraction"]),
+      patterns=tuple(settings["patterns"]))
 
 
 _PREDEFINED = [_make_config(0, 2000, resolution) for resolution in (32, 16, 64)]
@@ -523,10 +539,11 @@ class TinyWorld(_common.ArrayRecordBuilder):
     kwargs = self.builder_config.world_kwargs()
     self.info.metadata.update({
         "generator": "attrib_jax.data.tiny_world.generate_world",
-        "settings": {**kwargs, "rare_concepts": list(kwargs["rare_concepts"])},
+        "settings": {**kwargs, "rare_concepts": list(kwargs["rare_concepts"]),
+                     "patterns": list(kwargs["patterns"])},
         "rare_concepts": describe_rare_concepts(
             kwargs["seed"], kwargs["num_items"], kwargs["rare_concepts"],
-            kwargs["rare_count"], kwargs["two_object_fraction"]),
+            kwargs["rare_count"], kwargs["two_object_fraction"], kwargs["patterns"]),
     })
     return {"train": self._generate_examples(kwargs)}
 

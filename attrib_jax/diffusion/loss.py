@@ -30,7 +30,7 @@ def per_example_loss(apply_fn: ApplyFn, params: Any, x0: jnp.ndarray, text_state
     t: [B] integer timesteps.
     noise: [B, ...] standard normal noise, shaped like x0.
     schedule: the noise schedule; its prediction_type picks the target (the noise for
-      "epsilon", the velocity for "v_prediction").
+      "epsilon", the velocity for "v_prediction", the clean latent for "sample").
 
   Returns:
     [B] float32: the squared error averaged over every latent element of each example. The
@@ -44,6 +44,8 @@ def per_example_loss(apply_fn: ApplyFn, params: Any, x0: jnp.ndarray, text_state
     target = noise.astype(jnp.float32)
   elif schedule.prediction_type == "v_prediction":
     target = velocity(schedule, x0, noise, t)
+  elif schedule.prediction_type == "sample":
+    target = x0.astype(jnp.float32)
   else:
     raise ValueError(f"prediction_type {schedule.prediction_type!r} is not supported")
   if prediction.shape != target.shape:

@@ -45,6 +45,9 @@ def _predict_x0_and_eps(schedule: NoiseSchedule, model_output: jnp.ndarray, x_t:
   elif schedule.prediction_type == "v_prediction":
     x0 = jnp.sqrt(alpha_bar_t) * x_t - jnp.sqrt(beta_bar_t) * model_output
     eps = jnp.sqrt(alpha_bar_t) * model_output + jnp.sqrt(beta_bar_t) * x_t
+  elif schedule.prediction_type == "sample":
+    x0 = model_output
+    eps = (x_t - jnp.sqrt(alpha_bar_t) * model_output) / jnp.sqrt(beta_bar_t)
   else:
     raise ValueError(f"prediction_type {schedule.prediction_type!r} is not supported")
   if schedule.clip_sample:

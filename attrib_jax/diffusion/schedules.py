@@ -28,7 +28,7 @@ from attrib_jax.models.configuration import UnsupportedConfigError, check_config
 
 SUPPORTED_SCHEDULER_CLASSES = ("DDPMScheduler", "DDIMScheduler")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 # diffusers' defaults for keys a config may omit (identical in DDPMScheduler and DDIMScheduler).
@@ -72,7 +72,7 @@ class NoiseSchedule:
     final_alpha_cumprod: scalar float32, the ᾱ a DDIM step uses when it steps past t = 0: 1 if
       `set_alpha_to_one`, else ᾱ_0 (DDPM steps always use 1, as diffusers does).
     num_train_timesteps: T.
-    prediction_type: what the network predicts: "epsilon" or "v_prediction".
+    prediction_type: what the network predicts: "epsilon", "v_prediction" or "sample" (x_0).
     clip_sample: whether the sampler clips its x_0 estimate to ±clip_sample_range.
     clip_sample_range: the clip bound.
     set_alpha_to_one: kept for reference; already folded into final_alpha_cumprod.

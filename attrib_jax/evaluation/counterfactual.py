@@ -76,12 +76,63 @@ def model_key(excluded: Iterable[int], recipe_fingerprint: str) -> str:
                                      "recipe": recipe_fingerprint})
 
 
+class JitClock:
+  """Seconds JAX spent tracing, lowering and compiling (or loading from the persistent XLA
+  cache), and the persistent cache's hits and misses, summed over the process.
+
+  Every retraining builds its training step anew, so whether it recompiles or hits the cache
+  decides a large part of its cost; `ModelCache` logs this per model. Fed by `jax.monitoring`
+  events (listeners cannot be removed, so there is one clock per process: `jit_clock()`).
+  """
+  EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace",
+            "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
+            # Wraps the persistent-cache lookup too: on a hit, this is the load time.
+            "/jax/core/compile/backend_compile_duration": "compile"}
+
+  def __init__(self):
+    self.totals = {name: 0.0 for name in self.EVENTS.values()}
+    self.totals.update(cache_hits=0, cache_misses=0)
+
+  def on_duration(self, event: str, seconds: float, **_) -> None:
+    if event in self.EVENTS:
+      self.totals[self.EVENTS[event]] += seconds
+
+  def on_event(self, event: str, **_) -> None:
+    if event.startswith("/jax/compilation_cache/cache_"):
+      name = event.rsplit("/", 1)[-1]
+      if name in self.totals:
+        self.totals[name] += 1
+
+  def snapshot(self) -> dict[str, float]:
+    return dict(self.totals)
+
+  @staticmethod
+  def delta(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float]:
+    return {k: after[k] - before[k] for k in after}
+
+  @staticmethod
+  def describe(d: Mapping[str, float]) -> str:
+    return (f"jit {d['trace'] + d['lower'] + d['compile']:.1f}s: trace {d['trace']:.1f}s, "
+            f"lower {d['lower']:.1f}s, compile or cache load {d['compile']:.1f}s; persistent "
+            f"cache {int(d['cache_hits'])} hits, {int(d['cache_misses'])} misses")
+
+
+@functools.lru_cache(maxsize=1)
+def jit_clock() -> JitClock:
+  clock = JitClock()
+  jax.monitoring.register_event_duration_secs_listener(clock.on_duration)
+  jax.monitoring.register_event_listener(clock.on_event)
+  return clock
+
+
 class ModelCache:
   """Models retrained without a set of items, one workdir per (excluded set, recipe).
 
   `params(excluded)` returns θ0 (`base_params`) for an empty set, else calls
   `train_fn(excluded, workdir)` (which reuses a finished model there) and keeps the last
-  `keep_in_memory` parameter trees. `trained` lists the keys `train_fn` was called for.
+  `keep_in_memory` parameter trees. `trained` lists the keys `train_fn` was called for;
+  `timings` has, per trained model, its wall seconds and its share of JAX compilation
+  (`JitClock`), so a run's log and summary say what a retraining costs.
   """
 
   def __init__(self, root: str, recipe_fingerprint: str, train_fn: TrainFn, *,
@@ -91,6 +142,7 @@ class ModelCache:
     self.base_params, self.keep, self.log = base_params, keep_in_memory, log
     self._memory: collections.OrderedDict[str, Any] = collections.OrderedDict()
     self.trained: list[str] = []
+    self.timings: list[dict[str, float]] = []
 
   def key(self, excluded: Iterable[int]) -> str:
     return model_key(excluded, self.recipe_fingerprint)
@@ -111,10 +163,13 @@ class ModelCache:
     scores_lib.atomic_write_json(os.path.join(workdir, "excluded.json"), {
         "recipe": self.recipe_fingerprint, "num_excluded": int(excluded.size),
         "excluded": excluded.tolist()})
-    t0 = time.time()
+    t0, jit0 = time.time(), jit_clock().snapshot()
     params = self.train_fn(excluded, workdir)
+    jit = JitClock.delta(jit0, jit_clock().snapshot())
     self.trained.append(key)
-    self.log(f"models: {key} ({excluded.size} excluded) ready in {time.time() - t0:.1f}s")
+    self.timings.append(dict(jit, seconds=time.time() - t0))
+    self.log(f"models: {key} ({excluded.size} excluded) ready in {time.time() - t0:.1f}s "
+             f"({JitClock.describe(jit)})")
     self._memory[key] = params
     while len(self._memory) > max(self.keep, 1):
       self._memory.popitem(last=False)

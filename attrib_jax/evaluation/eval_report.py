@@ -209,8 +209,15 @@ def evaluate(*, out_dir: str, queries: Mapping[str, Query], index: np.ndarray,
               {m: (lds_result["summary"][m]["lds"], lds_result["summary"][m]["lds_se"])
                for m in settings.methods if m in lds_result["summary"]},
               title="Linear datamodeling score", ylabel="Spearman (mean +- s.e.)")
+  retraining = retraining_timing([t for c in by_seed.values() for t in c.timings])
+  if retraining["models"]:
+    log(f"evaluate: {retraining['models']} models retrained, {retraining['seconds_mean']:.1f}s "
+        f"each on average (of which jit {retraining['jit_seconds_mean']:.1f}s; persistent XLA "
+        f"cache {retraining['cache_hits']} hits, {retraining['cache_misses']} misses); "
+        f"{time.time() - t_start:.0f}s in all")
   summary = {
       "num_items": int(index.size), "queries": names, "ks": list(ks),
+      "retraining": retraining,
       "methods": list(settings.methods), "table": table, "theta0_regeneration": drift,
       "lds": lds_result,
       "models_trained_this_run": sum(len(c.trained) for c in by_seed.values()),
@@ -221,6 +228,18 @@ def evaluate(*, out_dir: str, queries: Mapping[str, Query], index: np.ndarray,
              plots=["delta_loss.png"] + (["lds.png"] if lds_result else []))
   log(f"evaluate: {len(rows)} cells, table:\n{markdown}")
   return dict(summary, markdown=markdown)
+
+
+def retraining_timing(timings: Sequence[Mapping[str, float]]) -> dict[str, Any]:
+  """What this run's retrainings cost (`ModelCache.timings`): count, mean wall seconds, mean
+  seconds of JAX tracing + lowering + compiling or cache loading, persistent-cache hits."""
+  n = len(timings)
+  mean = lambda f: float(np.mean([f(t) for t in timings])) if n else float("nan")
+  return {"models": n, "seconds_total": float(sum(t["seconds"] for t in timings)),
+          "seconds_mean": mean(lambda t: t["seconds"]),
+          "jit_seconds_mean": mean(lambda t: t["trace"] + t["lower"] + t["compile"]),
+          "cache_hits": int(sum(t["cache_hits"] for t in timings)),
+          "cache_misses": int(sum(t["cache_misses"] for t in timings))}
 
 
 def _theta0_drift(queries, base_params, base_fingerprint, regenerate, out_dir) -> dict | None:

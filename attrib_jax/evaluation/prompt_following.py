@@ -21,10 +21,13 @@ def validate_detector(images: np.ndarray, scenes: list[dict[str, Any]]) -> dict[
   return tiny_world_detector.evaluate_detector(images, scenes)
 
 
-def fresh_scenes(seed: int, count: int) -> list[dict[str, Any]]:
-  """Single-object scenes of common attributes from a seed no training item uses."""
+def fresh_scenes(seed: int, count: int,
+                 patterns: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+  """Single-object scenes of common attributes from a seed no training item uses (backgrounds
+  from `patterns`, the world's; None: all of them)."""
   rng = np.random.default_rng([seed, 99])
-  return [tiny_world.sample_scene(rng) for _ in range(count)]
+  return [tiny_world.sample_scene(rng, patterns=patterns or tiny_world.PATTERNS)
+          for _ in range(count)]
 
 
 def check(pipe: pipeline_lib.Pipeline, scenes: list[dict[str, Any]], *, seed: int,

@@ -27,9 +27,11 @@ def _checkpoint_manager(directory: str, keep: int) -> ocp.CheckpointManager:
 
 def train(*, arrays: dict, apply_fn: Callable, init_params: Any, schedule: Any,
           workdir: str, num_steps: int, batch_size: int, learning_rate: float,
-          warmup_steps: int = 0, weight_decay: float = 0.0, grad_clip_norm: float | None = 1.0,
+          warmup_steps: int = 0, lr_schedule: str = "constant", weight_decay: float = 0.0,
+          grad_clip_norm: float | None = 1.0,
           seed: int = 0, random_flip: bool = True, caption_dropout: float = 0.1,
-          ema_decay: float | None = None, excluded: Iterable[int] = (),
+          ema_decay: float | None = None, min_snr_gamma: float | None = None,
+          excluded: Iterable[int] = (),
           checkpoint_every: int = 500, keep_checkpoints: int = 2, log_every: int = 50,
           sample_every: int = 0, sample_fn: Callable[[Any, int], None] | None = None,
           mesh=None, stop_after: int | None = None,
@@ -51,10 +53,11 @@ def train(*, arrays: dict, apply_fn: Callable, init_params: Any, schedule: Any,
   if batch_size % mesh.size:
     raise ValueError(f"batch_size {batch_size} is not divisible by {mesh.size} devices")
   rows = input_pipeline.allowed_rows(np.asarray(arrays["index"]), excluded)
-  optimizer = trainer.make_optimizer(learning_rate, warmup_steps, weight_decay, grad_clip_norm)
+  optimizer = trainer.make_optimizer(learning_rate, warmup_steps, weight_decay, grad_clip_norm,
+                                     lr_schedule=lr_schedule, num_steps=num_steps)
   step_fn = trainer.make_train_step(apply_fn, schedule, optimizer, random_flip=random_flip,
                                     caption_dropout=caption_dropout, ema_decay=ema_decay,
-                                    mesh=mesh)
+                                    min_snr_gamma=min_snr_gamma, mesh=mesh)
   state = trainer.init_state(init_params, optimizer, seed, use_ema=ema_decay is not None)
   manager = _checkpoint_manager(os.path.join(workdir, "checkpoints"), keep_checkpoints)
   if manager.latest_step() is not None:

@@ -58,7 +58,8 @@ def open_dataset(config: ml_collections.ConfigDict, data_dir: str) -> DatasetSou
     from attrib_jax.data import tiny_world  # pylint: disable=g-import-not-at-top
     w = config.world
     builder = tiny_world.TinyWorld(data_dir=data_dir, config=tiny_world.config(
-        seed=w.seed, num_items=w.num_items, resolution=w.resolution, rare_count=w.rare_count))
+        seed=w.seed, num_items=w.num_items, resolution=w.resolution, rare_count=w.rare_count,
+        **({"patterns": tuple(w.patterns)} if "patterns" in w else {})))
     metadata = lambda b: {"rare_concepts": tiny_world.rare_concepts_of(b)}
   elif kind == "coco2017_captions":
     from attrib_jax.data import coco  # pylint: disable=g-import-not-at-top
@@ -192,9 +193,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, excluded=(), log=pri
   state = loop.train(
       arrays=arrays, apply_fn=apply_fn, init_params=init_params, schedule=schedule,
       workdir=os.path.join(workdir, "train"), num_steps=t.num_steps, batch_size=t.batch_size,
-      learning_rate=t.learning_rate, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
+      learning_rate=t.learning_rate, warmup_steps=t.warmup_steps,
+      lr_schedule=t.get("lr_schedule", "constant"), weight_decay=t.weight_decay,
       grad_clip_norm=t.grad_clip_norm, seed=config.seed, random_flip=t.random_flip,
-      caption_dropout=t.caption_dropout, ema_decay=t.ema_decay, excluded=excluded,
+      caption_dropout=t.caption_dropout, ema_decay=t.ema_decay,
+      min_snr_gamma=t.get("min_snr_gamma") or None, excluded=excluded,  # 0 or absent: off
       checkpoint_every=t.checkpoint_every, log_every=t.log_every, sample_every=t.sample_every,
       sample_fn=sample_fn, mesh=mesh, log=log)
   params = state.ema_params if state.ema_params is not None else state.params

@@ -31,13 +31,31 @@ class TrainState:
   rng: jax.Array             # raw uint32 key data, so that checkpoints hold plain arrays
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 def make_optimizer(learning_rate: float, warmup_steps: int, weight_decay: float,
                    grad_clip_norm: float | None = 1.0, b1: float = 0.9,
-                   b2: float = 0.999) -> optax.GradientTransformation:
-  """AdamW after a linear warm-up, constant afterwards (the recipe of the MSCOCO model)."""
+                   b2: float = 0.999, lr_schedule: str = "constant",
+                   num_steps: int | None = None) -> optax.GradientTransformation:
+  """AdamW after a linear warm-up.
+
+  lr_schedule "constant" keeps the rate (the recipe of the MSCOCO model); "cosine" decays it to
+  zero at `num_steps`: for a run of a few thousand steps the annealed end reaches a clearly
+  lower loss, and the small late steps avoid the loss spikes a constant 1e-3 showed.
+  """
+  warmup = max(warmup_steps, 1)
+  if lr_schedule == "constant":
+    after = optax.constant_schedule(learning_rate)
+  elif lr_schedule == "cosine":
+    if not num_steps or num_steps <= warmup:
+      raise ValueError(f"lr_schedule 'cosine' needs num_steps > warmup_steps ({warmup}), got "
+                       f"{num_steps}")
+    after = optax.cosine_decay_schedule(learning_rate, num_steps - warmup)
+  else:
+    raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
   schedule = optax.join_schedules(
-      [optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)),
-       optax.constant_schedule(learning_rate)], [max(warmup_steps, 1)])
+      [optax.linear_schedule(0.0, learning_rate, warmup), after], [warmup])
   chain = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm else []
   chain.append(optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
   return optax.chain(*chain)
@@ -72,13 +90,35 @@ def choose_inputs(rng: jax.Array, batch: dict, null_text_states: jax.Array, *,
   return x0.astype(jnp.float32), states
 
 
+def min_snr_weights(schedule: Any, t: jax.Array, gamma: float) -> jax.Array:
+  """Min-SNR-γ loss weights (Hang et al. 2023) for the schedule's prediction target.
+
+  The plain loss weights low-noise timesteps by their SNR (ε target) or SNR + 1 (v target), so
+  early training spends most of its signal on removing barely visible noise. Clamping the
+  weight at γ moves it to the timesteps that decide layout, colour and shape: the paper
+  measured ~3x faster convergence. Only the training objective changes; the model's loss
+  L(z, θ) that attribution measures is the unweighted one.
+  """
+  alpha_bar = schedule.alphas_cumprod[t]
+  snr = alpha_bar / (1.0 - alpha_bar)
+  # Per unit of x_0 error the ε loss weighs SNR, the v loss SNR + 1, the x_0 loss 1; the
+  # weights below make every target weigh min(SNR, γ).
+  if schedule.prediction_type == "epsilon":
+    return jnp.minimum(snr, gamma) / snr
+  if schedule.prediction_type == "v_prediction":
+    return jnp.minimum(snr, gamma) / (snr + 1.0)
+  return jnp.minimum(snr, gamma)
+
+
 def make_train_step(apply_fn: Callable, schedule: Any, optimizer: optax.GradientTransformation,
                     *, random_flip: bool = True, caption_dropout: float = 0.1,
-                    ema_decay: float | None = None, mesh=None) -> Callable:
+                    ema_decay: float | None = None, min_snr_gamma: float | None = None,
+                    mesh=None) -> Callable:
   """Returns `step(state, batch, null_text_states) -> (state, metrics)`, jitted.
 
   `apply_fn(params, x_t, t, text_states) -> eps`. With a mesh, the batch is split over its data
-  axis and the state replicated; XLA inserts the gradient all-reduce.
+  axis and the state replicated; XLA inserts the gradient all-reduce. `min_snr_gamma` weights
+  the loss by `min_snr_weights` (None: the plain mean, the MSCOCO recipe).
   """
   num_train_timesteps = schedule.num_train_timesteps
 
@@ -91,9 +131,12 @@ def make_train_step(apply_fn: Callable, schedule: Any, optimizer: optax.Gradient
     t = jax.random.randint(k_t, (b,), 0, num_train_timesteps)
     noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
 
+    weights = (jnp.ones((b,), jnp.float32) if min_snr_gamma is None
+               else min_snr_weights(schedule, t, min_snr_gamma))
+
     def mean_loss(params):
-      return loss_lib.per_example_loss(apply_fn, params, x0, text, t, noise,
-                                        schedule=schedule).mean()
+      return jnp.mean(weights * loss_lib.per_example_loss(apply_fn, params, x0, text, t, noise,
+                                                          schedule=schedule))
 
     loss, grads = jax.value_and_grad(mean_loss)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
