@@ -226,7 +226,17 @@ class TorchAbU:
       p.requires_grad_(name in self.paths)
     self.after = copy.deepcopy(self.before).requires_grad_(False)
     self.alphas_cumprod = torch.from_numpy(np.array(world.schedule.alphas_cumprod))
+    self.prediction_type = world.schedule.prediction_type
     self.fisher = None
+
+  def _target(self, x0, noise, t):
+    """What the network is trained to predict (the schedule's prediction_type), as ours."""
+    if self.prediction_type == "epsilon":
+      return noise
+    if self.prediction_type == "sample":
+      return x0.expand(noise.shape)
+    a, s = self._coefficients(t)   # v = √ᾱ ε − √(1−ᾱ) x0
+    return a * noise - s * x0
 
   def compute_fisher(self, arrays: dict, num_items: int, seed: int = 0) -> dict:
     """The shared diagonal Fisher (setup, not timed): mean squared per-example gradient over
@@ -245,7 +255,8 @@ class TorchAbU:
       noise = torch.from_numpy(rng.standard_normal((1,) + tuple(x0.shape), np.float32))
       a, s = self._coefficients(t)
       eps = self.before(a * x0 + s * noise, t, text[None]).sample
-      for acc, g in zip(total, torch.autograd.grad((eps - noise).square().mean(), selected)):
+      target = self._target(x0[None], noise, t)
+      for acc, g in zip(total, torch.autograd.grad((eps - target).square().mean(), selected)):
         acc.add_(g.double().square())
     self.fisher = {k: v / len(examples) for k, v in zip(self.keys, total)}
     return {self.paths[k]: v.numpy().T for k, v in self.fisher.items()}  # Linear (out, in)
@@ -270,7 +281,7 @@ class TorchAbU:
       a, s = self._coefficients(t_m)
       x_t = a * x0 + s * noise_m
       eps = self.before(x_t, t_m, text.expand(t_m.shape[0], -1, -1)).sample
-      loss = (eps - noise_m).square().mean(dim=(1, 2, 3)).sum()
+      loss = (eps - self._target(x0[None], noise_m, t_m)).square().mean(dim=(1, 2, 3)).sum()
       for acc, g in zip(total, torch.autograd.grad(loss, selected)):
         acc.add_(g)
     after = dict(self.after.named_parameters())
@@ -298,10 +309,11 @@ class TorchAbU:
         t = steps.repeat(c)
         a, s = self._coefficients(t)
         x_t = a * x0.reshape((-1,) + shape) + s * eps_true
+        target = self._target(x0.reshape((-1,) + shape), eps_true, t)
         states = states.reshape((-1,) + text_shape)
         eps = self.before(x_t, t, states).sample
         eps_after = self.after(x_t, t, states).sample
-        d, r = eps_after - eps, eps - eps_true
+        d, r = eps_after - eps, eps - target
         pre[i:i + c] = r.square().mean(dim=(1, 2, 3)).view(c, -1)
         delta[i:i + c] = (d * (d + 2.0 * r)).mean(dim=(1, 2, 3)).view(c, -1)
     average = lambda x: x.double().view(n, num_f, num_k, num_t).mean(-1).mean(-1).numpy()
