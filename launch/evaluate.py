@@ -1,5 +1,6 @@
 r"""Counterfactual evaluation of every attribution method: leave-K-out retraining and LDS.
 
+  python -m launch.evaluate --config=configs/tiny_eval.py --workdir=runs/eval  # issue 6's run
   python -m launch.evaluate --config=configs/tiny.py --workdir=runs/tiny
   python -m launch.evaluate --config=configs/tiny.py:smoke --workdir=/tmp/smoke   # seconds-long
   python -m launch.evaluate --config=configs/tiny.py --workdir=runs/tiny \
@@ -35,6 +36,9 @@ AbU uses `config.attribution` (as launch.attribute); "abu" needs it.
 
 Compilation: every retraining compiles the same training step; a persistent XLA cache
 (--compilation_cache, default workdir/evaluation/xla_cache) makes the later ones cache hits.
+Each retrained model's log line says what it cost: wall seconds, and the part JAX spent
+tracing, lowering and compiling or loading from that cache, with the cache's hits and misses
+(`counterfactual.JitClock`); summary.json's `retraining` has the run's means.
 """
 import copy
 import os

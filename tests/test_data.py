@@ -365,3 +365,29 @@ def test_image_folder_errors(tmp_path):
 
 def test_no_tensorflow_was_imported():
   assert "tensorflow" not in sys.modules
+
+
+def test_precompute_reuses_arrays_made_with_tuple_settings_and_refuses_others(tmp_path):
+  """The manifest is JSON (tuples read back as lists): the same settings must still match."""
+  from attrib_jax.data import precompute  # pylint: disable=g-import-not-at-top
+  images = np.arange(3 * 4 * 4 * 3, dtype=np.uint8).reshape(3, 4, 4, 3)
+
+  def get_items(rows):
+    rows = np.asarray(rows)
+    return images[rows], [[f"item {i}", f"thing {i}"] for i in rows], rows
+
+  def encode_images(x):
+    return np.asarray(x, np.float32) / 255.0
+
+  def encode_text(prompts):
+    return np.asarray([[[len(p), p.count("i")]] for p in prompts], np.float32)
+
+  kwargs = dict(num_items=3, get_items=get_items, encode_images=encode_images,
+                encode_text=encode_text, num_captions=2, log=lambda _: None)
+  out = str(tmp_path / "pre")
+  precompute.precompute(out, fingerprint={"patterns": ("plain",)}, **kwargs)
+  first = precompute.load(out, mmap=False)
+  precompute.precompute(out, fingerprint={"patterns": ("plain",)}, **kwargs)   # reused
+  np.testing.assert_array_equal(precompute.load(out, mmap=False)["latents"], first["latents"])
+  with pytest.raises(ValueError, match="fingerprint|settings|other"):
+    precompute.precompute(out, fingerprint={"patterns": ("grid",)}, **kwargs)

@@ -61,6 +61,9 @@ def precompute(out_dir: str, *, num_items: int, get_items: Callable[[np.ndarray]
   manifest_path = os.path.join(out_dir, "manifest.json")
   fingerprint = dict(fingerprint or {}, num_items=num_items, num_captions=num_captions,
                      dtype=dtype)
+  # As the manifest will read it back: JSON has no tuples, so a tuple-valued setting (e.g. the
+  # world's `patterns`) must compare equal to the list it is stored as.
+  fingerprint = json.loads(json.dumps(fingerprint, default=str))
   store = DTYPES[dtype]
 
   null_states = np.asarray(encode_text([""]))[0]
