@@ -149,3 +149,19 @@ def test_cosine_learning_rate_warms_up_then_decays_to_zero():
     trainer.make_optimizer(1e-3, 10, 0.0, lr_schedule="exponential")
   with pytest.raises(ValueError, match="num_steps"):
     trainer.make_optimizer(1e-3, 10, 0.0, lr_schedule="cosine", num_steps=5)
+
+
+def test_leave_k_out_batches_are_the_full_runs_with_the_excluded_rows_dropped():
+  """Common random numbers for retraining: the same stream, minus the excluded rows."""
+  full = input_pipeline.allowed_rows(np.arange(12))
+  kept = input_pipeline.allowed_rows(np.arange(12), excluded=[2, 7])
+  stream = lambda rows, steps: np.concatenate(
+      [input_pipeline.batch_rows(rows, 3, s, 5, num_rows=12) for s in range(steps)])
+  full_stream, kept_stream = stream(full, 12), stream(kept, 10)   # 5 epochs of each
+  # Without exclusions the stream is the plain per-epoch permutation.
+  np.testing.assert_array_equal(
+      full_stream, np.concatenate([input_pipeline.batch_rows(full, 3, s, 5) for s in range(12)]))
+  for epoch in range(5):
+    whole = full_stream[epoch * 12:(epoch + 1) * 12]
+    np.testing.assert_array_equal(kept_stream[epoch * 10:(epoch + 1) * 10],
+                                  whole[~np.isin(whole, [2, 7])])

@@ -1,11 +1,13 @@
 """Batches of precomputed training arrays, as a pure function of (seed, step).
 
-The order of examples is a fresh permutation of the *allowed* rows each epoch, from
-`numpy.random.default_rng((seed, epoch))`. A batch is therefore determined by its step alone:
-a resumed run reads exactly what an uninterrupted one would, with no iterator state to save.
+The order of examples is a fresh permutation of all rows each epoch, from
+`numpy.random.default_rng((seed, epoch))`, with excluded rows skipped. A batch is therefore
+determined by its step alone: a resumed run reads exactly what an uninterrupted one would, with
+no iterator state to save.
 
-Leave-K-out retraining passes the dataset indices to exclude; excluded rows are dropped before
-any permutation, so they are never read (the arrays are only ever indexed with allowed rows).
+Leave-K-out retraining passes the dataset indices to exclude; excluded rows are skipped in the
+permutation before any read, so they are never read (the arrays are only ever indexed with
+allowed rows).
 """
 from __future__ import annotations
 
@@ -43,16 +45,33 @@ def read_excluded_file(path: str) -> np.ndarray:
   return np.asarray(values, dtype=np.int64)
 
 
-def batch_rows(rows: np.ndarray, seed: int, step: int, batch_size: int) -> np.ndarray:
-  """The rows of batch number `step` in the stream of per-epoch permutations of `rows`."""
+def batch_rows(rows: np.ndarray, seed: int, step: int, batch_size: int,
+               num_rows: int | None = None) -> np.ndarray:
+  """The rows of batch number `step` in the stream of per-epoch permutations of `rows`.
+
+  With `num_rows` (the arrays' row count N), each epoch is a permutation of *all* N rows with
+  the excluded ones skipped, rather than a permutation of the allowed rows alone. Without
+  exclusions the two are the same stream; with them, a leave-K-out retraining sees the full
+  run's batches with K items dropped and the rest slid up, instead of a different shuffle: the
+  retrainings share the full run's randomness (common random numbers), which is what makes
+  the small loss changes of removing K items measurable (see evaluation/counterfactual.py).
+  """
   n = rows.size
+  allowed = None
+  if num_rows is not None:
+    allowed = np.zeros(num_rows, bool)
+    allowed[rows] = True
   start = step * batch_size
   out, filled = np.empty(batch_size, np.int64), 0
   while filled < batch_size:
     epoch, offset = divmod(start + filled, n)
-    perm = np.random.default_rng((seed, epoch)).permutation(n)
     take = min(batch_size - filled, n - offset)
-    out[filled:filled + take] = rows[perm[offset:offset + take]]
+    if allowed is None:
+      perm = np.random.default_rng((seed, epoch)).permutation(n)
+      out[filled:filled + take] = rows[perm[offset:offset + take]]
+    else:
+      perm = np.random.default_rng((seed, epoch)).permutation(num_rows)
+      out[filled:filled + take] = perm[allowed[perm]][offset:offset + take]
     filled += take
   return out
 

@@ -76,7 +76,8 @@ def train(*, arrays: dict, apply_fn: Callable, init_params: Any, schedule: Any,
   t0, losses = time.time(), []
   for step in range(first, last):
     batch = input_pipeline.gather(batch_arrays,
-                                  input_pipeline.batch_rows(rows, seed, step, batch_size))
+                                  input_pipeline.batch_rows(rows, seed, step, batch_size,
+                                                            num_rows=len(arrays["index"])))
     state, metrics = step_fn(state, parallel.shard_batch(batch, mesh), null_states)
     losses.append(metrics["loss"])
     done = step + 1
