@@ -246,14 +246,20 @@ def link_shared_data(data_workdir: str, workdir: str) -> None:
   `recipe.prepare` finds tfds/ already built, the text encoder present and the precomputed
   arrays complete with a matching fingerprint, and writes nothing into the linked directories.
   """
-  os.makedirs(os.path.join(workdir, "model"), exist_ok=True)
-  _link(os.path.join(data_workdir, "tfds"), os.path.join(workdir, "tfds"))
+  _link_dataset_and_text_side(data_workdir, workdir)
   _link(os.path.join(data_workdir, "precomputed"), os.path.join(workdir, "precomputed"))
+
+
+def _link_dataset_and_text_side(source_workdir: str, workdir: str) -> None:
+  """Links tfds/ and the frozen model components (text encoder, tokenizer, VAE) of
+  `source_workdir` into `workdir`, and copies its pixel codec."""
+  os.makedirs(os.path.join(workdir, "model"), exist_ok=True)
+  _link(os.path.join(source_workdir, "tfds"), os.path.join(workdir, "tfds"))
   for name in ("text_encoder", "tokenizer", "vae"):
-    source = os.path.join(data_workdir, "model", name)
+    source = os.path.join(source_workdir, "model", name)
     if os.path.isdir(source):
       _link(source, os.path.join(workdir, "model", name))
-  codec = os.path.join(data_workdir, "model", "pixel_codec.json")
+  codec = os.path.join(source_workdir, "model", "pixel_codec.json")
   if os.path.exists(codec):
     shutil.copyfile(codec, os.path.join(workdir, "model", "pixel_codec.json"))
 
@@ -286,15 +292,7 @@ def prepare_data_workdir(config: ml_collections.ConfigDict, base_workdir: str, d
                          log: Callable[[str], None] = print) -> str:
   """A data workdir for `config` (e.g. another training seed) sharing the base's dataset and
   text side; its arrays are precomputed once, here, and linked by every model of that seed."""
-  os.makedirs(os.path.join(directory, "model"), exist_ok=True)
-  _link(os.path.join(base_workdir, "tfds"), os.path.join(directory, "tfds"))
-  for name in ("text_encoder", "tokenizer", "vae"):
-    source = os.path.join(base_workdir, "model", name)
-    if os.path.isdir(source):
-      _link(source, os.path.join(directory, "model", name))
-  codec = os.path.join(base_workdir, "model", "pixel_codec.json")
-  if os.path.exists(codec):
-    shutil.copyfile(codec, os.path.join(directory, "model", "pixel_codec.json"))
+  _link_dataset_and_text_side(base_workdir, directory)
   recipe.prepare(training_config(config), directory, log=log)
   return directory
 
