@@ -63,6 +63,7 @@ from attrib_jax import parallel
 from attrib_jax.attribution import fisher as fisher_lib
 from attrib_jax.attribution import scores as scores_lib
 from attrib_jax.attribution import selection
+from attrib_jax.attribution import unlearn as unlearn_lib
 from attrib_jax.diffusion import loss as loss_lib
 from attrib_jax.diffusion.schedules import NoiseSchedule
 
@@ -613,45 +614,19 @@ def query_draws(seed: int, step: int, num_draws: int, shape: tuple[int, ...],
   return np.asarray(t), np.asarray(noise)
 
 
-@functools.lru_cache(maxsize=32)
-def _chunk_program(apply_fn: Callable, mesh, num_draws: int, micro_batch: int) -> Callable:
-  """acc + Σ ∇L over micro-batch `chunk` of every device, one `psum` (jitted)."""
-  micro, per_device = _layout(num_draws, micro_batch, mesh.size)
-
-  def local(acc, selected, rest, schedule, x0, text, seed, step, chunk):
-    # Per-device gradients, combined by the one psum below (see fisher.py on pcast).
-    selected = jax.lax.pcast(selected, parallel.DATA, to="varying")
-    ids = (jax.lax.axis_index(parallel.DATA) * per_device + chunk * micro
-           + jnp.arange(micro, dtype=jnp.int32))
-    t, noise = jax.vmap(lambda i: draw_query(seed, step, i, x0.shape,
-                                             schedule.num_train_timesteps))(ids)
-    valid = (ids < num_draws).astype(jnp.float32)
-
-    def loss_sum(sel):
-      losses = loss_lib.per_example_loss(
-          apply_fn, selection.merge(sel, rest), jnp.broadcast_to(x0, (micro,) + x0.shape),
-          jnp.broadcast_to(text, (micro,) + text.shape), t, noise, schedule=schedule)
-      return jnp.sum(valid * losses)
-    grads = jax.lax.psum(jax.grad(loss_sum)(selected), parallel.DATA)
-    return jax.tree.map(jnp.add, acc, grads)
-
-  sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(),) * 9, out_specs=P())
-  rep = parallel.replicated(mesh)
-  return jax.jit(sharded, in_shardings=(rep,) * 9, out_shardings=rep, donate_argnums=0)
+def _independent_draws(seed, step, ids, shape, schedule, table, *, num_draws: int,
+                       draws_per_batch: int):
+  """AbU+'s draws (`draw_query`: timesteps with replacement); no per-step table."""
+  del table, num_draws, draws_per_batch
+  return jax.vmap(lambda i: draw_query(seed, step, i, shape, schedule.num_train_timesteps))(ids)
 
 
 def _gradient_sum(apply_fn: Callable, mesh, num_draws: int, micro_batch: int, seed: int,
                   selected, rest, schedule, x0, text, step: int):
-  """Σ over the step's draws of ∇L (replicated); a host loop over jitted micro-batch chunks,
-  as in unlearn.py (XLA:CPU runs a rolled scan of them ~3.5x slower)."""
-  micro, per_device = _layout(num_draws, micro_batch, mesh.size)
-  program = _chunk_program(apply_fn, mesh, num_draws, micro_batch)
-  acc = jax.device_put(jax.tree.map(lambda v: np.zeros(v.shape, np.float32), selected),
-                       parallel.replicated(mesh))
-  for chunk in range(per_device // micro):
-    acc = program(acc, selected, rest, schedule, x0, text, np.uint32(seed), np.int32(step),
-                  np.int32(chunk))
-  return acc
+  """Σ over the step's draws of ∇L (replicated): AbU's chunked kernel with AbU+'s draws."""
+  return unlearn_lib.gradient_sum(apply_fn, mesh, selected, rest, schedule, x0, text,
+                                  seed=seed, step=step, num_draws=num_draws,
+                                  micro_batch=micro_batch, draws=_independent_draws)
 
 
 @functools.lru_cache(maxsize=32)
@@ -675,13 +650,6 @@ def _update_program(mesh, num_draws: int, layers: tuple[tuple[Path, bool], ...])
 
   rep = parallel.replicated(mesh)
   return jax.jit(update, in_shardings=(rep,) * 3, out_shardings=rep)
-
-
-def _layout(num_draws: int, micro_batch: int, num_devices: int) -> tuple[int, int]:
-  """(micro, draws per device): every device runs the same number of whole micro-batches."""
-  per_device = -(-num_draws // num_devices)
-  micro = min(micro_batch, per_device)
-  return micro, parallel.pad_to_multiple(per_device, micro)
 
 
 def _check_query(query_latent, query_text) -> tuple[np.ndarray, np.ndarray]:

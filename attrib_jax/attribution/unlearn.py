@@ -123,21 +123,36 @@ def _layout(num_draws: int, micro_batch: int, num_devices: int) -> tuple[int, in
   return micro, parallel.pad_to_multiple(per_device, micro)
 
 
+def _stratified_draws(seed, step, ids, shape, schedule, timesteps, *, num_draws: int,
+                      draws_per_batch: int):
+  """AbU's draws: timesteps from the step's precomputed table (distinct within each batch of
+  draws), noise keyed by draw id."""
+  del schedule
+  t = timesteps[jnp.minimum(ids, num_draws - 1)]  # padding draws (masked) reuse a valid t
+  noise = jax.vmap(lambda i: draw_noise(seed, step, i, shape,
+                                        draws_per_batch=draws_per_batch))(ids)
+  return t, noise
+
+
 @functools.lru_cache(maxsize=32)
-def _chunk_program(apply_fn: Callable, mesh, num_draws: int, draws_per_batch: int,
-                   micro_batch: int) -> Callable:
-  """acc + Σ ∇L over one chunk: micro-batch `chunk` of every device, one `psum` (jitted)."""
+def _chunk_program(apply_fn: Callable, mesh, num_draws: int, micro_batch: int,
+                   draws: Callable, draws_per_batch: int) -> Callable:
+  """acc + Σ ∇L over one chunk: micro-batch `chunk` of every device, one `psum` (jitted).
+
+  `draws(seed, step, ids, shape, schedule, table, num_draws=, draws_per_batch=)` returns the
+  (timesteps, noise) of the given draw ids; `table` is whatever array it precomputes per step
+  (AbU's stratified timesteps). A module-level function, so this cache keys on it.
+  """
   micro, per_device = _layout(num_draws, micro_batch, mesh.size)
 
-  def local(acc, selected, rest, schedule, x0, text, seed, step, timesteps, chunk):
+  def local(acc, selected, rest, schedule, x0, text, seed, step, table, chunk):
     # Per-device gradients, summed by the one explicit psum below (differentiating the
     # replicated value would insert a psum of its own).
     selected = jax.lax.pcast(selected, parallel.DATA, to="varying")
     ids = (jax.lax.axis_index(parallel.DATA) * per_device + chunk * micro
            + jnp.arange(micro, dtype=jnp.int32))
-    t = timesteps[jnp.minimum(ids, num_draws - 1)]  # padding draws (masked) reuse a valid t
-    noise = jax.vmap(lambda i: draw_noise(seed, step, i, x0.shape,
-                                          draws_per_batch=draws_per_batch))(ids)
+    t, noise = draws(seed, step, ids, x0.shape, schedule, table, num_draws=num_draws,
+                     draws_per_batch=draws_per_batch)
     valid = (ids < num_draws).astype(jnp.float32)
 
     def loss_sum(sel):
@@ -161,29 +176,40 @@ def _timestep_program(num_draws: int, draws_per_batch: int, num_timesteps: int) 
                                    num_timesteps=num_timesteps))
 
 
-def _gradient_sum(apply_fn: Callable, mesh, settings: UnlearnSettings, selected: Flat, rest,
-                  schedule: NoiseSchedule, x0, text, step: int) -> Flat:
+def gradient_sum(apply_fn: Callable, mesh, selected: Flat, rest, schedule: NoiseSchedule, x0,
+                 text, *, seed: int, step: int, num_draws: int, micro_batch: int,
+                 draws: Callable, draws_per_batch: int = 1, table=None) -> Flat:
   """Σ over the step's draws of ∇L w.r.t. the selected weights (replicated over the mesh).
 
+  Shared by AbU and AbU+ (ekfac.py), which differ only in `draws` (see `_chunk_program`).
   Why a host loop over jitted chunks rather than one `lax.scan`: XLA:CPU runs the rolled
   scan of micro-batch gradients about 3.5x slower than the same work as separate executions
   (measured on the tiny config), and on accelerators the per-chunk dispatch is negligible
   against a micro-batch of forward/backward passes. The draws of a chunk are a pure function
   of (seed, step, draw id), so the sum does not depend on how it is chunked.
   """
-  micro, per_device = _layout(settings.num_draws, settings.micro_batch, mesh.size)
-  program = _chunk_program(apply_fn, mesh, settings.num_draws, settings.draws_per_batch,
-                           settings.micro_batch)
+  micro, per_device = _layout(num_draws, micro_batch, mesh.size)
+  program = _chunk_program(apply_fn, mesh, num_draws, micro_batch, draws, draws_per_batch)
   rep = parallel.replicated(mesh)
-  timesteps = jax.device_put(_timestep_program(
-      settings.num_draws, settings.draws_per_batch, schedule.num_train_timesteps)(
-          np.uint32(settings.seed), np.int32(step)), rep)
+  table = jax.device_put(np.zeros((0,), np.int32) if table is None else table, rep)
   acc = jax.device_put(jax.tree.map(lambda v: np.zeros(v.shape, np.float32), selected), rep)
-  seed, step_index = np.uint32(settings.seed), np.int32(step)
+  seed, step_index = np.uint32(seed), np.int32(step)
   for chunk in range(per_device // micro):
-    acc = program(acc, selected, rest, schedule, x0, text, seed, step_index, timesteps,
+    acc = program(acc, selected, rest, schedule, x0, text, seed, step_index, table,
                   np.int32(chunk))
   return acc
+
+
+def _gradient_sum(apply_fn: Callable, mesh, settings: UnlearnSettings, selected: Flat, rest,
+                  schedule: NoiseSchedule, x0, text, step: int) -> Flat:
+  """AbU's Σ∇L of one step: stratified timesteps, drawn once per step."""
+  timesteps = _timestep_program(settings.num_draws, settings.draws_per_batch,
+                                schedule.num_train_timesteps)(np.uint32(settings.seed),
+                                                              np.int32(step))
+  return gradient_sum(apply_fn, mesh, selected, rest, schedule, x0, text, seed=settings.seed,
+                      step=step, num_draws=settings.num_draws,
+                      micro_batch=settings.micro_batch, draws=_stratified_draws,
+                      draws_per_batch=settings.draws_per_batch, table=timesteps)
 
 
 @functools.lru_cache(maxsize=32)
