@@ -50,6 +50,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # diffusers UNet2DConditionModel config on the codec's latent. Attention (self + cross) only
   # at the 4x4 level and the mid block: attention is what costs most on a CPU.
+  # addition_embed_type="text" also pools the prompt into the time embedding (diffusers'
+  # TextTimeEmbedding), so every resnet sees it: with cross-attention alone, colour was right
+  # in 20 % of generations after 10 minutes; with the pooled path, 41-46 % (measured, 100
+  # fresh prompts). AbU still unlearns the cross-attention K/V, the paper's selection.
   c.unet = ml_collections.ConfigDict(dict(
       sample_size=8, in_channels=12 if smoke else 48,
       out_channels=12 if smoke else 48, layers_per_block=1,
@@ -58,7 +62,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                         ("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")),
       up_block_types=(("CrossAttnUpBlock2D", "UpBlock2D") if smoke else
                       ("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
-      attention_head_dim=4, cross_attention_dim=64, norm_num_groups=8))
+      attention_head_dim=4, cross_attention_dim=64, norm_num_groups=8,
+      addition_embed_type="text", addition_embed_type_num_heads=4))
 
   # Not the MSCOCO schedule (linear betas, ε target): at 32 px that model's samples stayed noise
   # after 20k training samples, because every error of an ε estimate leaks noise into x0. The
@@ -75,7 +80,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       warmup_steps=2 if smoke else 100, lr_schedule="cosine", weight_decay=0.0,
       grad_clip_norm=1.0,
       random_flip=False,       # captions name left/right positions: a flip would contradict them
-      caption_dropout=0.1, ema_decay=None if smoke else 0.999, min_snr_gamma=0.0,  # 0: the plain loss
+      caption_dropout=0.1, ema_decay=None if smoke else 0.999,
+      # Min-SNR-5: the x0 loss weighted min(SNR, 5). The plain x0 loss weighs the nearly clean
+      # timesteps so little that predictions stayed blurred even from a nearly clean input,
+      # and blurred shapes are unreadable; this weighting sharpens them (measured: colour and
+      # shape jointly right 11 % against 5 %, same 1,800 steps).
+      min_snr_gamma=0.0 if smoke else 5.0,
       checkpoint_every=3 if smoke else 250, log_every=2 if smoke else 50,
       sample_every=0 if smoke else 500, num_devices=0))  # 0: every device
 

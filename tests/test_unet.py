@@ -58,6 +58,8 @@ OPTIONS_TINY = dict(
     flip_sin_to_cos=False, freq_shift=1, downsample_padding=0, mid_block_scale_factor=2.0,
     time_embedding_dim=40, time_embedding_act_fn="mish", timestep_post_act="silu",
     conv_in_kernel=5, conv_out_kernel=1, act_fn="swish")
+# The prompt pooled into the time embedding (the tiny default's conditioning path).
+TEXT_TIME_TINY = dict(SD1_TINY, addition_embed_type="text", addition_embed_type_num_heads=4)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -116,7 +118,8 @@ def _assert_close(ours, ref):
     (SD1_TINY, None),
     (SD2_TINY, 9),  # odd: the upsampler is told its target size
     (OPTIONS_TINY, None),
-], ids=["mscoco", "sd1", "sd2", "options"])
+    (TEXT_TIME_TINY, None),
+], ids=["mscoco", "sd1", "sd2", "options", "text-time"])
 def test_parity_with_diffusers(tmp_path, config, size):
   model = _save_torch_unet(tmp_path, config)
   module, params, config_dict = unet.load_unet(tmp_path)
@@ -246,6 +249,9 @@ def test_vae_style_layers_match_diffusers():
     ({"attention_head_dim": [4, 4, 4]}, "attention_head_dim"),
     ({"cross_attention_dim": [32, 48]}, "cross_attention_dim"),
     ({"act_fn": "tanh"}, "act_fn"),
+    ({"addition_embed_type": "text_time"}, "addition_embed_type"),
+    ({"addition_embed_type": "text", "addition_embed_type_num_heads": 5},
+     "addition_embed_type_num_heads"),
 ])
 def test_bad_config_option_is_named(change, key):
   config = {**SD1_TINY, **change}

@@ -558,3 +558,54 @@ class TimestepEmbedding(nn.Module):
     if self.post_act_fn is not None:
       h = get_activation(self.post_act_fn)(h)
     return h
+
+
+class AttentionPooling(nn.Module):
+  """diffusers `AttentionPooling`: one query (the mean token plus a learnt offset) attends over
+  [query; tokens] with multi-head attention, giving one vector per sequence (B, D)."""
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    batch, _, width = x.shape
+    if width % self.num_heads:
+      raise ValueError(f"AttentionPooling: width {width} does not split into "
+                       f"{self.num_heads} heads")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    offset = self.param("positional_embedding",
+                        lambda key, shape, dtype: jax.random.normal(key, shape, dtype)
+                        / math.sqrt(width), (1, width), self.param_dtype)
+    query_token = jnp.mean(x, axis=1, keepdims=True) + offset.astype(x.dtype)  # (B, 1, D)
+    tokens = jnp.concatenate([query_token, x], axis=1)                       # (B, 1 + L, D)
+    heads = lambda y: y.reshape(batch, y.shape[1], self.num_heads, width // self.num_heads)
+    q = heads(dense(width, name="q_proj", **kw)(query_token))
+    k = heads(dense(width, name="k_proj", **kw)(tokens))
+    v = heads(dense(width, name="v_proj", **kw)(tokens))
+    # Scaling q and k by d^-1/4 each (rather than the logits by d^-1/2) is the reference's
+    # choice for half precision; it is the same number in float32.
+    scale = (width // self.num_heads) ** -0.25
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k * scale)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    pooled = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    return pooled.reshape(batch, width)
+
+
+class TextTimeEmbedding(nn.Module):
+  """diffusers `TextTimeEmbedding` (UNet `addition_embed_type="text"`): the text states,
+  layer-normed, attention-pooled, projected to the time-embedding width and layer-normed; the
+  UNet adds it to the time embedding, so every resnet sees the prompt, not only the
+  cross-attention layers."""
+  time_embed_dim: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, encoder_hidden_states: Array) -> Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = layer_norm(name="norm1", **kw)(encoder_hidden_states)
+    h = AttentionPooling(self.num_heads, name="pool", **kw)(h)
+    h = dense(self.time_embed_dim, name="proj", **kw)(h)
+    return layer_norm(name="norm2", **kw)(h)

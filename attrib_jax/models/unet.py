@@ -52,7 +52,7 @@ _DEFAULTS: dict[str, Any] = {
     "transformer_layers_per_block": 1, "attention_head_dim": 8,
     "use_linear_projection": False, "upcast_attention": False, "time_embedding_dim": None,
     "time_embedding_act_fn": None, "timestep_post_act": None, "conv_in_kernel": 3,
-    "conv_out_kernel": 3,
+    "conv_out_kernel": 3, "addition_embed_type": None, "addition_embed_type_num_heads": 64,
 }
 
 # Options supported at one value only (diffusers' default, unless noted).
@@ -63,7 +63,6 @@ _PINNED: dict[str, Any] = {
     "class_embed_type": None,
     "num_class_embeds": None,
     "class_embeddings_concat": False,  # True doubles every block's time-embedding width
-    "addition_embed_type": None,
     "encoder_hid_dim": None,
     "encoder_hid_dim_type": None,
     "time_embedding_type": "positional",
@@ -82,7 +81,7 @@ _IGNORED = (
     "sample_size",  # a default image size for pipelines, not part of the network
     "resnet_skip_time_act", "resnet_out_scale_factor", "cross_attention_norm",  # Simple*/Resnet*
     "mid_block_only_cross_attention",  # UNetMidBlock2DSimpleCrossAttn
-    "addition_embed_type_num_heads", "addition_time_embed_dim",  # addition_embed_type
+    "addition_time_embed_dim",  # addition_embed_type="text_time"
     "projection_class_embeddings_input_dim",  # class_embed_type / addition_embed_type
 )
 
@@ -127,6 +126,8 @@ class UNetConfig:
   timestep_post_act: Optional[str] = None
   conv_in_kernel: int = 3
   conv_out_kernel: int = 3
+  addition_embed_type: Optional[str] = None  # None or "text" (pooled prompt -> time embedding)
+  addition_embed_type_num_heads: int = 64
 
   @classmethod
   def from_diffusers(cls, config: Mapping[str, Any]) -> "UNetConfig":
@@ -168,6 +169,11 @@ class UNetConfig:
     for key in ("conv_in_kernel", "conv_out_kernel"):
       if c[key] % 2 != 1:
         raise bad(key, "odd kernel sizes only")
+    if c["addition_embed_type"] not in (None, "text"):
+      raise bad("addition_embed_type", "None or 'text' only")
+    if c["addition_embed_type"] == "text" and cross[0] % c["addition_embed_type_num_heads"]:
+      raise bad("addition_embed_type_num_heads",
+                f"cross_attention_dim {cross[0]} does not split into that many heads")
     # diffusers' quirk: with num_attention_heads unset (always, see _PINNED),
     # `attention_head_dim` is the number of heads of each block's transformer.
     heads = _per_block(c, "attention_head_dim", n)
@@ -190,7 +196,8 @@ class UNetConfig:
         time_embedding_dim=c["time_embedding_dim"],
         time_embedding_act_fn=c["time_embedding_act_fn"],
         timestep_post_act=c["timestep_post_act"], conv_in_kernel=c["conv_in_kernel"],
-        conv_out_kernel=c["conv_out_kernel"])
+        conv_out_kernel=c["conv_out_kernel"], addition_embed_type=c["addition_embed_type"],
+        addition_embed_type_num_heads=c["addition_embed_type_num_heads"])
 
 
 class _BlockSettings(nn.Module):
@@ -310,6 +317,9 @@ class UNet2DConditionModel(nn.Module):
     temb = layers.TimestepEmbedding(c.time_embedding_dim or 4 * c.block_out_channels[0],
                                     act_fn=c.act_fn, post_act_fn=c.timestep_post_act,
                                     name="time_embedding", **kw)(t_emb.astype(self.dtype))
+    if c.addition_embed_type == "text":
+      temb = temb + layers.TextTimeEmbedding(
+          temb.shape[-1], c.addition_embed_type_num_heads, name="add_embedding", **kw)(context)
     if c.time_embedding_act_fn is not None:
       temb = layers.get_activation(c.time_embedding_act_fn)(temb)
 
@@ -361,7 +371,8 @@ def init_unet(config_dict: Mapping[str, Any], rng: Array, *, dtype: Any = jnp.fl
               param_dtype: Any = jnp.float32) -> tuple[UNet2DConditionModel, dict]:
   """A freshly initialised UNet for a diffusers config dict, with PyTorch's default init.
 
-  Kernels are uniform within 1/sqrt(fan_in), norm scales one, biases zero: the distributions
+  Kernels are uniform within 1/sqrt(fan_in), norm scales one, biases zero, a pooling offset
+  normal with std 1/sqrt(width): the distributions
   `module.init` draws from, but from a single random draw. (`jax.jit(module.init)` generates
   each parameter with its own threefry expansion and takes 15-25 s to compile on CPU even for a
   tiny UNet; this takes well under a second.)
@@ -385,6 +396,9 @@ def init_unet(config_dict: Mapping[str, Any], rng: Array, *, dtype: Any = jnp.fl
         value = jnp.ones(leaf.shape)
       elif path[-1] == "bias":
         value = jnp.zeros(leaf.shape)
+      elif path[-1] == "positional_embedding":  # the text-time pooling query's offset
+        value = jax.random.normal(jax.random.fold_in(rng, 1), leaf.shape) / math.sqrt(
+            leaf.shape[-1])
       else:
         raise ValueError(f"No initialiser for parameter {'/'.join(path)}")
       out[path] = value.astype(leaf.dtype)
