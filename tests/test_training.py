@@ -68,6 +68,28 @@ def test_resume_equals_uninterrupted(model, tmp_path):
   assert _max_diff(full.opt_state, resumed.opt_state) == 0.0
 
 
+def test_model_key_reuses_the_jitted_step_with_the_same_result(model, tmp_path):
+  """Retraining with a model_key traces the step once; the parameters are those of fresh steps."""
+  module_apply, params = model
+  traces = []
+
+  def apply_fn(p, x, t, c):
+    traces.append(1)  # runs at trace time only
+    return module_apply(p, x, t, c)
+
+  kwargs = dict(arrays=_arrays(), apply_fn=apply_fn, init_params=params, schedule=SCHEDULE,
+                num_steps=3, batch_size=8, learning_rate=1e-2, seed=1, checkpoint_every=3,
+                log=lambda _: None, mesh=parallel.make_mesh(2))
+  key = "test-model-key"
+  loop.train(workdir=str(tmp_path / "a"), model_key=key, **kwargs)
+  traced_once = len(traces)
+  reused = loop.train(workdir=str(tmp_path / "b"), model_key=key, excluded=[101, 105], **kwargs)
+  assert traced_once > 0 and len(traces) == traced_once
+  fresh = loop.train(workdir=str(tmp_path / "c"), excluded=[101, 105], **kwargs)
+  assert len(traces) > traced_once
+  assert _max_diff(reused.params, fresh.params) == 0.0
+
+
 class _Spy:
   """An array that records which rows were read."""
 

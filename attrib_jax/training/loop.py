@@ -20,6 +20,10 @@ from attrib_jax.training import input_pipeline
 from attrib_jax.training import trainer
 
 
+# Jitted steps kept for reuse, keyed by `model_key` and the step's settings (see `train`).
+_STEP_FNS: dict[tuple, Callable] = {}
+
+
 def _checkpoint_manager(directory: str, keep: int) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(os.path.abspath(directory),
                                options=ocp.CheckpointManagerOptions(max_to_keep=keep))
@@ -34,7 +38,7 @@ def train(*, arrays: dict, apply_fn: Callable, init_params: Any, schedule: Any,
           excluded: Iterable[int] = (),
           checkpoint_every: int = 500, keep_checkpoints: int = 2, log_every: int = 50,
           sample_every: int = 0, sample_fn: Callable[[Any, int], None] | None = None,
-          mesh=None, stop_after: int | None = None,
+          mesh=None, stop_after: int | None = None, model_key: str | None = None,
           log: Callable[[str], None] = print) -> trainer.TrainState:
   """Trains on the allowed rows of `arrays` (see `attrib_jax.data.precompute`).
 
@@ -46,6 +50,11 @@ def train(*, arrays: dict, apply_fn: Callable, init_params: Any, schedule: Any,
     sample_fn: called as `sample_fn(params, step)` every `sample_every` steps (writes a grid).
     stop_after: stop (with a checkpoint) after this many steps of *this* call: used by tests to
       simulate an interruption.
+    model_key: a string that identifies `apply_fn` and `schedule` (e.g. their configs as
+      JSON). With it, the jitted step is built once per (model_key, step settings, devices)
+      and reused by later calls in the process: leave-K-out evaluation retrains the same recipe
+      a hundred times, and each fresh step costs seconds of tracing even when XLA's persistent
+      cache spares the compile. None: a fresh step every call.
   Returns:
     The final state (parameters at `num_steps`).
   """
@@ -55,9 +64,16 @@ def train(*, arrays: dict, apply_fn: Callable, init_params: Any, schedule: Any,
   rows = input_pipeline.allowed_rows(np.asarray(arrays["index"]), excluded)
   optimizer = trainer.make_optimizer(learning_rate, warmup_steps, weight_decay, grad_clip_norm,
                                      lr_schedule=lr_schedule, num_steps=num_steps)
-  step_fn = trainer.make_train_step(apply_fn, schedule, optimizer, random_flip=random_flip,
-                                    caption_dropout=caption_dropout, ema_decay=ema_decay,
-                                    min_snr_gamma=min_snr_gamma, mesh=mesh)
+  step_settings = (learning_rate, warmup_steps, weight_decay, grad_clip_norm, lr_schedule,
+                   num_steps, random_flip, caption_dropout, ema_decay, min_snr_gamma,
+                   tuple(d.id for d in mesh.devices.flat), mesh.axis_names)
+  step_fn = _STEP_FNS.get((model_key, step_settings)) if model_key is not None else None
+  if step_fn is None:
+    step_fn = trainer.make_train_step(apply_fn, schedule, optimizer, random_flip=random_flip,
+                                      caption_dropout=caption_dropout, ema_decay=ema_decay,
+                                      min_snr_gamma=min_snr_gamma, mesh=mesh)
+    if model_key is not None:
+      _STEP_FNS[(model_key, step_settings)] = step_fn
   state = trainer.init_state(init_params, optimizer, seed, use_ema=ema_decay is not None)
   manager = _checkpoint_manager(os.path.join(workdir, "checkpoints"), keep_checkpoints)
   if manager.latest_step() is not None:

@@ -199,7 +199,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, excluded=(), log=pri
       caption_dropout=t.caption_dropout, ema_decay=t.ema_decay,
       min_snr_gamma=t.get("min_snr_gamma") or None, excluded=excluded,  # 0 or absent: off
       checkpoint_every=t.checkpoint_every, log_every=t.log_every, sample_every=t.sample_every,
-      sample_fn=sample_fn, mesh=mesh, log=log)
+      sample_fn=sample_fn, mesh=mesh, log=log,
+      # The step depends on the network and noise schedule only through these two configs.
+      model_key=json.dumps({"unet": unet_config, "scheduler": config.scheduler.to_dict()},
+                           sort_keys=True, default=str))
   params = state.ema_params if state.ema_params is not None else state.params
   pipeline_lib.save_unet(os.path.join(model_dir, "unet"), jax.device_get(params), unet_config)
   with open(done_path + ".tmp", "w") as f:
