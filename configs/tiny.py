@@ -53,7 +53,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # addition_embed_type="text" also pools the prompt into the time embedding (diffusers'
   # TextTimeEmbedding), so every resnet sees it: with cross-attention alone, colour was right
   # in 20 % of generations after 10 minutes; with the pooled path, 41-46 % (measured, 100
-  # fresh prompts). AbU still unlearns the cross-attention K/V, the paper's selection.
+  # fresh prompts, at learning rate 1e-3). AbU still unlearns the cross-attention K/V, the
+  # paper's selection.
   c.unet = ml_collections.ConfigDict(dict(
       sample_size=8, in_channels=12 if smoke else 48,
       out_channels=12 if smoke else 48, layers_per_block=1,

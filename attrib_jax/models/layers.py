@@ -579,17 +579,12 @@ class AttentionPooling(nn.Module):
                         / math.sqrt(width), (1, width), self.param_dtype)
     query_token = jnp.mean(x, axis=1, keepdims=True) + offset.astype(x.dtype)  # (B, 1, D)
     tokens = jnp.concatenate([query_token, x], axis=1)                       # (B, 1 + L, D)
-    heads = lambda y: y.reshape(batch, y.shape[1], self.num_heads, width // self.num_heads)
-    q = heads(dense(width, name="q_proj", **kw)(query_token))
-    k = heads(dense(width, name="k_proj", **kw)(tokens))
-    v = heads(dense(width, name="v_proj", **kw)(tokens))
-    # Scaling q and k by d^-1/4 each (rather than the logits by d^-1/2) is the reference's
-    # choice for half precision; it is the same number in float32.
-    scale = (width // self.num_heads) ** -0.25
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k * scale)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    pooled = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-    return pooled.reshape(batch, width)
+    q = dense(width, name="q_proj", **kw)(query_token)
+    k = dense(width, name="k_proj", **kw)(tokens)
+    v = dense(width, name="v_proj", **kw)(tokens)
+    # The reference scales q and k by d^-1/4 each and takes the softmax in float32: the same
+    # as scaled attention with float32 scores.
+    return dot_product_attention(q, k, v, self.num_heads, upcast=True).reshape(batch, width)
 
 
 class TextTimeEmbedding(nn.Module):
