@@ -60,6 +60,7 @@ OPTIONS_TINY = dict(
     conv_in_kernel=5, conv_out_kernel=1, act_fn="swish")
 # The prompt pooled into the time embedding (the tiny default's conditioning path).
 TEXT_TIME_TINY = dict(SD1_TINY, addition_embed_type="text", addition_embed_type_num_heads=4)
+SCALE_SHIFT_TINY = dict(TEXT_TIME_TINY, resnet_time_scale_shift="scale_shift")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -119,7 +120,8 @@ def _assert_close(ours, ref):
     (SD2_TINY, 9),  # odd: the upsampler is told its target size
     (OPTIONS_TINY, None),
     (TEXT_TIME_TINY, None),
-], ids=["mscoco", "sd1", "sd2", "options", "text-time"])
+    (SCALE_SHIFT_TINY, None),
+], ids=["mscoco", "sd1", "sd2", "options", "text-time", "scale-shift"])
 def test_parity_with_diffusers(tmp_path, config, size):
   model = _save_torch_unet(tmp_path, config)
   module, params, config_dict = unet.load_unet(tmp_path)
@@ -243,7 +245,7 @@ def test_vae_style_layers_match_diffusers():
     ({"only_cross_attention": True}, "only_cross_attention"),
     ({"num_attention_heads": 8}, "num_attention_heads"),
     ({"mid_block_type": "UNetMidBlock2D"}, "mid_block_type"),
-    ({"resnet_time_scale_shift": "scale_shift"}, "resnet_time_scale_shift"),
+    ({"resnet_time_scale_shift": "spatial"}, "resnet_time_scale_shift"),
     ({"mystery_option": 3}, "mystery_option"),
     ({"down_block_types": ["AttnDownBlock2D", "DownBlock2D"]}, "down_block_types"),
     ({"attention_head_dim": [4, 4, 4]}, "attention_head_dim"),

@@ -154,13 +154,19 @@ def layer_norm(*, name: str, epsilon: float = 1e-5, dtype: Dtype = jnp.float32,
                       use_fast_variance=False, name=name)
 
 
+TIME_EMBEDDING_NORMS = ("default", "scale_shift")
+
+
 class ResnetBlock2D(nn.Module):
-  """diffusers `ResnetBlock2D` (time_embedding_norm="default", pre-norm), NHWC.
+  """diffusers `ResnetBlock2D` (pre-norm), NHWC.
 
   norm1 -> act -> conv1 (+ time_emb_proj(act(temb))) -> norm2 -> act -> conv2, plus the input
   (through a 1x1 `conv_shortcut` when the channel count changes), divided by
   `output_scale_factor`. Dropout is not implemented (inference and dropout-free training only).
   `temb` may be None, as in the VAE, where `temb_channels` is None and there is no projection.
+  time_embedding_norm="scale_shift" projects temb to a (scale, shift) pair applied after norm2,
+  h * (1 + scale) + shift: a multiplicative path for whatever the embedding carries (with
+  addition_embed_type="text", the pooled prompt), where "default" can only add a bias.
   """
   out_channels: Optional[int] = None
   groups: int = 32
@@ -168,6 +174,7 @@ class ResnetBlock2D(nn.Module):
   eps: float = 1e-6
   act_fn: str = "silu"
   use_time_emb: bool = True
+  time_embedding_norm: str = "default"
   output_scale_factor: float = 1.0
   use_in_shortcut: Optional[bool] = None
   conv_shortcut_bias: bool = True
@@ -182,12 +189,23 @@ class ResnetBlock2D(nn.Module):
     out_channels = self.out_channels or in_channels
     h = act(GroupNorm(self.groups, self.eps, name="norm1", **kw)(x))
     h = conv(out_channels, 3, name="conv1", **kw)(h)
+    if self.time_embedding_norm not in TIME_EMBEDDING_NORMS:
+      raise ValueError(f"time_embedding_norm must be one of {TIME_EMBEDDING_NORMS}, "
+                       f"got {self.time_embedding_norm!r}")
+    scale_shift = None
     if self.use_time_emb:
       if temb is None:
         raise ValueError("ResnetBlock2D built with a time embedding needs `temb`")
-      t = dense(out_channels, name="time_emb_proj", **kw)(act(temb))
-      h = h + t[:, None, None, :]
-    h = act(GroupNorm(self.groups_out or self.groups, self.eps, name="norm2", **kw)(h))
+      if self.time_embedding_norm == "scale_shift":
+        t = dense(2 * out_channels, name="time_emb_proj", **kw)(act(temb))
+        scale_shift = (t[:, None, None, :out_channels], t[:, None, None, out_channels:])
+      else:
+        t = dense(out_channels, name="time_emb_proj", **kw)(act(temb))
+        h = h + t[:, None, None, :]
+    h = GroupNorm(self.groups_out or self.groups, self.eps, name="norm2", **kw)(h)
+    if scale_shift is not None:
+      h = h * (1 + scale_shift[0]) + scale_shift[1]
+    h = act(h)
     h = conv(out_channels, 3, name="conv2", **kw)(h)
     shortcut = (in_channels != out_channels if self.use_in_shortcut is None
                 else self.use_in_shortcut)

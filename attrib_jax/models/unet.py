@@ -53,6 +53,7 @@ _DEFAULTS: dict[str, Any] = {
     "use_linear_projection": False, "upcast_attention": False, "time_embedding_dim": None,
     "time_embedding_act_fn": None, "timestep_post_act": None, "conv_in_kernel": 3,
     "conv_out_kernel": 3, "addition_embed_type": None, "addition_embed_type_num_heads": 64,
+    "resnet_time_scale_shift": "default",
 }
 
 # Options supported at one value only (diffusers' default, unless noted).
@@ -67,7 +68,6 @@ _PINNED: dict[str, Any] = {
     "encoder_hid_dim_type": None,
     "time_embedding_type": "positional",
     "time_cond_proj_dim": None,
-    "resnet_time_scale_shift": "default",
     "attention_type": "default",
     "reverse_transformer_layers_per_block": None,
     "dropout": [0.0, 0],  # dropout is not implemented
@@ -128,6 +128,7 @@ class UNetConfig:
   conv_out_kernel: int = 3
   addition_embed_type: Optional[str] = None  # None or "text" (pooled prompt -> time embedding)
   addition_embed_type_num_heads: int = 64
+  resnet_time_scale_shift: str = "default"  # or "scale_shift": FiLM after norm2
 
   @classmethod
   def from_diffusers(cls, config: Mapping[str, Any]) -> "UNetConfig":
@@ -169,6 +170,8 @@ class UNetConfig:
     for key in ("conv_in_kernel", "conv_out_kernel"):
       if c[key] % 2 != 1:
         raise bad(key, "odd kernel sizes only")
+    if c["resnet_time_scale_shift"] not in layers.TIME_EMBEDDING_NORMS:
+      raise bad("resnet_time_scale_shift", f"one of {layers.TIME_EMBEDDING_NORMS}")
     if c["addition_embed_type"] not in (None, "text"):
       raise bad("addition_embed_type", "None or 'text' only")
     if c["addition_embed_type"] == "text" and cross[0] % c["addition_embed_type_num_heads"]:
@@ -197,7 +200,8 @@ class UNetConfig:
         time_embedding_act_fn=c["time_embedding_act_fn"],
         timestep_post_act=c["timestep_post_act"], conv_in_kernel=c["conv_in_kernel"],
         conv_out_kernel=c["conv_out_kernel"], addition_embed_type=c["addition_embed_type"],
-        addition_embed_type_num_heads=c["addition_embed_type_num_heads"])
+        addition_embed_type_num_heads=c["addition_embed_type_num_heads"],
+        resnet_time_scale_shift=c["resnet_time_scale_shift"])
 
 
 class _BlockSettings(nn.Module):
@@ -214,6 +218,7 @@ class _BlockSettings(nn.Module):
     c = self.config
     return layers.ResnetBlock2D(out_channels or self.out_channels, groups=c.norm_num_groups,
                                 eps=c.norm_eps, act_fn=c.act_fn,
+                                time_embedding_norm=c.resnet_time_scale_shift,
                                 output_scale_factor=output_scale_factor, name=name,
                                 dtype=self.dtype, param_dtype=self.param_dtype)
 
