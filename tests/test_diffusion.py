@@ -93,6 +93,42 @@ def test_defaults_are_diffusers_defaults():
   np.testing.assert_allclose(ours.alphas_cumprod, theirs.alphas_cumprod.numpy(), atol=1e-6)
 
 
+@pytest.mark.parametrize("cls", [diffusers.DDPMScheduler, diffusers.DDIMScheduler])
+def test_trained_betas_match_diffusers(cls):
+  from attrib_jax.diffusion import schedules  # pylint: disable=g-import-not-at-top
+  betas = schedules.shifted_cosine_betas(1000, 3.0)
+  config = dict(beta_schedule="squaredcos_cap_v2", trained_betas=betas, prediction_type="sample")
+  ours = NoiseSchedule.from_config(config)
+  theirs = cls.from_config(config)
+  np.testing.assert_allclose(ours.betas, theirs.betas.numpy(), rtol=0, atol=0)
+  np.testing.assert_allclose(ours.alphas_cumprod, theirs.alphas_cumprod.numpy(), rtol=1e-5,
+                             atol=1e-7)
+
+
+def test_shifted_cosine_divides_every_snr():
+  from attrib_jax.diffusion import schedules  # pylint: disable=g-import-not-at-top
+  plain = NoiseSchedule.from_config(_config("squaredcos_cap_v2"))
+  same = NoiseSchedule.from_config(
+      {**_config("squaredcos_cap_v2"), "trained_betas": schedules.shifted_cosine_betas(1000, 1.0)})
+  np.testing.assert_allclose(same.alphas_cumprod, plain.alphas_cumprod, rtol=1e-4, atol=1e-7)
+  shifted = NoiseSchedule.from_config(
+      {**_config("squaredcos_cap_v2"), "trained_betas": schedules.shifted_cosine_betas(1000, 3.0)})
+  snr = lambda s: np.asarray(s.alphas_cumprod[:950], np.float64) / (
+      1 - np.asarray(s.alphas_cumprod[:950], np.float64))
+  np.testing.assert_allclose(snr(shifted), snr(plain) / 9.0, rtol=1e-3)
+  with pytest.raises(ValueError, match="shift"):
+    schedules.shifted_cosine_betas(1000, 0.0)
+
+
+@pytest.mark.parametrize("bad,named", [
+    ([0.1, 0.2], "shape"),
+    ([0.0] * 1000, r"\(0, 1\)"),
+])
+def test_bad_trained_betas_are_named(bad, named):
+  with pytest.raises(UnsupportedConfigError, match=named):
+    NoiseSchedule.from_config({**_config(), "trained_betas": bad})
+
+
 @pytest.mark.parametrize("bad", [
     {"not_a_scheduler_option": 1},
     {"thresholding": True},

@@ -46,7 +46,7 @@ _DEFAULTS = {
     "variance_type": "fixed_small",
 }
 _USED = ("num_train_timesteps", "beta_start", "beta_end", "clip_sample", "clip_sample_range",
-         "set_alpha_to_one", "steps_offset")
+         "set_alpha_to_one", "steps_offset", "trained_betas")
 _PINNED = {
     "beta_schedule": list(BETA_SCHEDULES),
     "prediction_type": list(PREDICTION_TYPES),
@@ -55,7 +55,6 @@ _PINNED = {
                                      # model that predicts a variance, which ours do not.
     "thresholding": False,
     "rescale_betas_zero_snr": False,
-    "trained_betas": None,
 }
 # Read by diffusers only when `thresholding` is on, which is pinned off.
 _IGNORED = ("dynamic_thresholding_ratio", "sample_max_value")
@@ -102,8 +101,11 @@ class NoiseSchedule:
     check_config(config, component=class_name or "scheduler", used=_USED, pinned=_PINNED,
                  ignored=_IGNORED)
     c = {**_DEFAULTS, **config}
-    betas = beta_table(c["beta_schedule"], int(c["num_train_timesteps"]), float(c["beta_start"]),
-                       float(c["beta_end"]))
+    if c.get("trained_betas") is not None:  # diffusers: an explicit table overrides the rest
+      betas = _explicit_betas(c["trained_betas"], int(c["num_train_timesteps"]))
+    else:
+      betas = beta_table(c["beta_schedule"], int(c["num_train_timesteps"]),
+                         float(c["beta_start"]), float(c["beta_end"]))
     alphas = (np.float32(1.0) - betas).astype(np.float32)
     alphas_cumprod = np.cumprod(alphas.astype(np.float64)).astype(np.float32)
     final = np.float32(1.0) if c["set_alpha_to_one"] else alphas_cumprod[0]
@@ -129,6 +131,38 @@ class NoiseSchedule:
       path = os.path.join(path, "scheduler_config.json")
     with open(path) as f:
       return cls.from_config(json.load(f))
+
+
+def _explicit_betas(trained_betas: Any, num_train_timesteps: int) -> np.ndarray:
+  betas = np.asarray(trained_betas, np.float64)
+  if betas.shape != (num_train_timesteps,):
+    raise UnsupportedConfigError(
+        f"trained_betas has shape {betas.shape}, expected ({num_train_timesteps},) "
+        "(one beta per training timestep)")
+  if not np.all((betas > 0) & (betas < 1)):
+    raise UnsupportedConfigError("trained_betas must all lie in (0, 1)")
+  return betas.astype(np.float32)
+
+
+def shifted_cosine_betas(num_train_timesteps: int, shift: float) -> list[float]:
+  """Betas of the cosine schedule with every SNR divided by shift² ("simple diffusion").
+
+  Why: an image whose content is large smooth regions stays readable through noise that hides
+  fine texture, because a region's mean survives averaging over its pixels. Under the plain
+  cosine schedule most timesteps then show the layout already, and only the last few teach the
+  model to take it from the prompt. Dividing every SNR by shift² (Hoogeboom et al. 2023 shift by
+  resolution for the same reason) gives the prompt-led regime more of the timesteps, in
+  training and in sampling. Written into the scheduler config as `trained_betas`, which
+  diffusers reads the same way; shift 1 gives the squaredcos_cap_v2 table.
+  """
+  if shift <= 0:
+    raise ValueError(f"shift must be > 0, got {shift}")
+  base = beta_table("squaredcos_cap_v2", num_train_timesteps, 0.0, 0.0).astype(np.float64)
+  alpha_bar = np.cumprod(1.0 - base)
+  snr = alpha_bar / (1.0 - alpha_bar) / shift**2
+  shifted = snr / (1.0 + snr)
+  betas = 1.0 - shifted / np.concatenate([[1.0], shifted[:-1]])
+  return [float(b) for b in np.clip(betas, 1e-8, 0.999).astype(np.float32)]
 
 
 def beta_table(beta_schedule: str, num_train_timesteps: int, beta_start: float,
