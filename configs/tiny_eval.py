@@ -13,12 +13,12 @@ r"""The tiny world sized for the counterfactual evaluation (issue 6): an hour on
 Why smaller than configs/tiny.py. The evaluation retrains the model from scratch once per
 (query, method, K) cell whose top-K no other cell shares, once per random draw and K, and once
 per LDS subset: with 10 queries, 2 K, 5 ranked methods, 3 random draws and 5 LDS subsets, up to
-10·2·5 + 3·2 + 5 = 111 retrainings. The default tiny model trains for about 10 minutes; for the
+10·2·5 + 3·2 + 5 = 111 retrainings. The default tiny model trains for about 7 minutes; for the
 whole run to fit in 60 minutes a retraining must take about 20-25 s including its overheads
 (building and tracing the step, loading it from the persistent XLA cache, the checkpoint).
 So: 256 items instead of 1,000 (the 5 planted rare concepts kept, 4 items each), a two-level
-UNet of 32/64 channels instead of three levels of 64/128/128, and 500 steps of 16 instead of
-1,800 of 32 at a higher peak rate (cosine decay; no EMA, which would average in the early
+UNet of 32/64 channels instead of three levels of 32/64/64, and 500 steps of 16 instead of
+9,000 at a higher peak rate (cosine decay; no EMA, which would average in the early
 weights of so short a run). Measured on the otherwise idle 2-core machine: 24-25 s per
 retraining (17 s of steps, ~4 s of tracing + cache loads, the rest prepare/save/load), 0.3 s
 per measured cell, 75 s to score TRAK, D-TRAK and features. The image side (32 px through the
