@@ -192,19 +192,18 @@ class ResnetBlock2D(nn.Module):
     if self.time_embedding_norm not in TIME_EMBEDDING_NORMS:
       raise ValueError(f"time_embedding_norm must be one of {TIME_EMBEDDING_NORMS}, "
                        f"got {self.time_embedding_norm!r}")
-    scale_shift = None
+    scale_shift = self.use_time_emb and self.time_embedding_norm == "scale_shift"
     if self.use_time_emb:
       if temb is None:
         raise ValueError("ResnetBlock2D built with a time embedding needs `temb`")
-      if self.time_embedding_norm == "scale_shift":
-        t = dense(2 * out_channels, name="time_emb_proj", **kw)(act(temb))
-        scale_shift = (t[:, None, None, :out_channels], t[:, None, None, out_channels:])
-      else:
-        t = dense(out_channels, name="time_emb_proj", **kw)(act(temb))
-        h = h + t[:, None, None, :]
+      width = 2 * out_channels if scale_shift else out_channels
+      t = dense(width, name="time_emb_proj", **kw)(act(temb))[:, None, None, :]
+      if not scale_shift:
+        h = h + t
     h = GroupNorm(self.groups_out or self.groups, self.eps, name="norm2", **kw)(h)
-    if scale_shift is not None:
-      h = h * (1 + scale_shift[0]) + scale_shift[1]
+    if scale_shift:
+      scale, shift = jnp.split(t, 2, axis=-1)
+      h = h * (1 + scale) + shift
     h = act(h)
     h = conv(out_channels, 3, name="conv2", **kw)(h)
     shortcut = (in_channels != out_channels if self.use_in_shortcut is None
