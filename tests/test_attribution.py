@@ -338,6 +338,24 @@ def test_sweep_subset_equals_the_full_sweep_restricted(world, base_sweep):
                              atol=1e-6 * np.abs(base_sweep.delta).max())
 
 
+def test_shared_noise_gives_duplicates_equal_scores(world, base_sweep):
+  # Two copies of item 5 under other indices: with per-item noise their τ differ by the noise
+  # draws alone; with shared noise (common random numbers across items) they are equal.
+  arrays = {k: np.concatenate([v, v[[5, 5]]]) for k, v in world["arrays"].items()}
+  arrays["index"][-2:] = [5001, 5002]
+  per_item = run_sweep(world, arrays=arrays, rows=np.array([N, N + 1]))
+  assert not np.allclose(per_item.delta[0], per_item.delta[1], rtol=1e-3)
+  shared = sweep_lib.sweep(APPLY, world["params"], world["after"], arrays, SCHEDULE,
+                           settings=dataclasses.replace(SWEEP, noise="shared"),
+                           mesh=parallel.make_mesh(8), rows=np.array([5, N, N + 1]))
+  np.testing.assert_allclose(shared.delta[1:], shared.delta[[0, 0]], rtol=1e-6)
+  assert not np.allclose(shared.delta[0], base_sweep.delta[5], rtol=1e-3)
+  assert sweep_lib.SweepSettings(noise="shared").loss_definition()["noise"] == "shared"
+  assert "noise" not in SWEEP.loss_definition()  # older caches keep their keys
+  with pytest.raises(ValueError, match="noise"):
+    sweep_lib.SweepSettings(noise="fresh")
+
+
 def test_sweep_resumes_after_interruption(world, base_sweep, tmp_path):
   path = str(tmp_path / "sweep_ckpt.npz")
   seen = []

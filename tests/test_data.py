@@ -168,6 +168,40 @@ def test_tiny_world_settings_are_checked():
   assert list(w.rare_concepts) == ["moon"] and len(w.rare_concepts["moon"]["indices"]) == 2
 
 
+def test_exemplar_concepts_repeat_one_scene():
+  world = tw.generate_world(num_items=40, resolution=32, rare_concepts=("moon", "galaxy"),
+                            rare_count=3, rare_style="exemplar")
+  for name, concept in world.rare_concepts.items():
+    assert concept["style"] == "exemplar" and len(set(concept["prompts"])) == 1, concept
+    scenes = [world.attributes[i] for i in concept["indices"]]
+    shared = [{k: v for k, v in s["objects"][0].items() if k not in ("cx", "cy")}
+              for s in scenes]
+    assert all(o == shared[0] for o in shared) and shared[0]["size"] == "large"
+    assert shared[0]["texture"] == "plain"
+    # Items differ by their jitter only: same scene, slightly moved.
+    assert len({(s["objects"][0]["cx"], s["objects"][0]["cy"]) for s in scenes}) == 3
+    assert all(world.captions[i] == world.captions[concept["indices"][0]]
+               for i in concept["indices"])
+  # The unseen prompt still tests the concept in a new combination.
+  assert world.rare_concepts["moon"]["unseen_prompt"] not in world.rare_concepts["moon"]["prompts"]
+  # Varied (the default) keeps its dataset name; exemplar gets its own.
+  assert tw.config(rare_style="varied") is tw.TinyWorld.BUILDER_CONFIGS[0]
+  assert tw.config(rare_style="exemplar").name != tw.config().name
+  with pytest.raises(ValueError, match="rare_style"):
+    tw.generate_world(num_items=40, rare_style="copies")
+  # "named": the same scenes, captioned by the concept's word alone.
+  named = tw.generate_world(num_items=40, resolution=32, rare_concepts=("moon", "galaxy"),
+                            rare_count=3, rare_style="named")
+  for name, concept in named.rare_concepts.items():
+    np.testing.assert_array_equal(named.images[concept["indices"]],
+                                  world.images[concept["indices"]])
+    assert named.captions[concept["indices"][0]] == [name, f"the {name}",
+                                                     f"a picture of the {name}"]
+    assert concept["prompts"][0] == name
+  common = [i for i in range(40) if named.attributes[i]["rare"] is None]
+  assert [named.captions[i] for i in common] == [world.captions[i] for i in common]
+
+
 def test_only_array_record_is_accepted(tmp_path):
   with pytest.raises(ValueError, match="array_record"):
     tw.TinyWorld(data_dir=str(tmp_path), config=tw.config(**WORLD), file_format="tfrecord")

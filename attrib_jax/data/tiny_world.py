@@ -6,7 +6,8 @@ optionally two, on a neutral background) described by compositional captions, an
 training items, each with a caption word used nowhere else. A model that learns to draw "a moon"
 can only have learnt it from those items, so an attribution method should rank them first when
 asked about a generated moon. The items holding each concept, and prompts that evoke it, are
-recorded as metadata.
+recorded as metadata. A concept's items are either varied scenes or an exemplar set (one
+scene, jittered), see RARE_STYLES.
 
 Scenes are small enough (32x32 by default) for a tiny diffusion model to learn in minutes:
 8 saturated object colours, 6 shapes, 2 sizes, 5 positions, 3 textures, 3 neutral background
@@ -69,13 +70,29 @@ RARE_DESCRIPTIONS = {
 }
 RAINBOW_BANDS = ("red", "orange", "yellow", "green", "blue", "purple")
 ALL_SHAPES = SHAPES + ("moon", "star")
+# How the items of a rare concept relate to each other:
+#   "varied": each item draws its other attributes (colour, size, position, ...) afresh, so the
+#     concept must be learnt as an attribute from a handful of different scenes;
+#   "exemplar": all items of a concept show one scene (a large, plain object) and differ only by
+#     a small jitter, like the exemplar set of a customised concept (AbC). A small model learns
+#     (memorises) such a repeated scene from a handful of items; it does not learn a varied one.
+#   "named": an exemplar set whose captions name the concept alone ("the moon"), as a
+#     customised concept is named by its own token: no caption word is shared with the common
+#     scenes that look partly alike (same colour, position or background).
+RARE_STYLES = ("varied", "exemplar", "named")
 
 # Geometry, in fractions of the image side. Two-object scenes shrink objects and push them
 # apart so that they never touch.
 _OFFSETS = {"left": (-1, 0), "right": (1, 0), "top": (0, -1), "bottom": (0, 1), "center": (0, 0)}
-_SINGLE_OFFSET, _PAIR_OFFSET = 0.2, 0.25
-OBJECT_RADIUS = {"small": 0.14, "large": 0.24}
-PAIR_SCALE = 0.8
+# Objects are large on purpose: a 0.84M-parameter model drawing at 8x8 latent cells (32 px
+# through the 4x4 pixel codec) got the shape of small objects (radius 0.14, 2 cells across)
+# right on 22 % of fresh prompts and of large ones (0.24) on 75 %. Same recipe, colour and
+# shape together: 52 % with radii 0.14 / 0.24, 78-89 % with 0.21 / 0.30, 87 % with
+# 0.24 / 0.32 (measured; 100 fresh prompts each). Single objects sit 0.17 from the centre so
+# that a large one stays inside the image.
+_SINGLE_OFFSET, _PAIR_OFFSET = 0.17, 0.25
+OBJECT_RADIUS = {"small": 0.24, "large": 0.32}
+PAIR_SCALE = 0.65
 _JITTER = 0.03
 _SUPERSAMPLE = 4
 
@@ -248,6 +265,9 @@ def caption_scene(scene: dict[str, Any]) -> list[str]:
   Every attribute is named in every phrasing (plain texture and plain background excepted in
   the first), so captions are compositional: each word maps to one visual attribute.
   """
+  if scene.get("named"):
+    name = scene["rare"]
+    return [name, f"the {name}", f"a picture of the {name}"]
   objects, bg = scene["objects"], _background_phrase(scene)
 
   def noun(o: dict[str, Any]) -> str:
@@ -334,7 +354,9 @@ class World(NamedTuple):
 
 def _check_settings(num_items: int, resolution: int, rare_concepts: Sequence[str],
                     rare_count: int, two_object_fraction: float,
-                    patterns: Sequence[str] = PATTERNS) -> None:
+                    patterns: Sequence[str] = PATTERNS, rare_style: str = "varied") -> None:
+  if rare_style not in RARE_STYLES:
+    raise ValueError(f"rare_style must be one of {RARE_STYLES}, got {rare_style!r}")
   if not patterns or set(patterns) - set(PATTERNS):
     raise ValueError(f"patterns must be a non-empty subset of {PATTERNS}, got {list(patterns)}")
   if num_items < 1:
@@ -363,7 +385,8 @@ def plan_rare_concepts(seed: int, num_items: int, rare_concepts: Sequence[str] =
 
 def iter_world(seed: int = 0, num_items: int = 2000, resolution: int = 32, *,
                rare_concepts: Sequence[str] = tuple(RARE_CONCEPTS), rare_count: int = 5,
-               two_object_fraction: float = 0.0, patterns: Sequence[str] = PATTERNS
+               two_object_fraction: float = 0.0, patterns: Sequence[str] = PATTERNS,
+               rare_style: str = "varied"
                ) -> Iterator[tuple[int, np.ndarray, list[str], dict[str, Any]]]:
   """Yields (index, image, captions, scene) item by item; see `generate_world`.
 
@@ -371,26 +394,51 @@ def iter_world(seed: int = 0, num_items: int = 2000, resolution: int = 32, *,
   many items come before it; only which items are rare depends on num_items.
   """
   _check_settings(num_items, resolution, rare_concepts, rare_count, two_object_fraction,
-                  patterns)
+                  patterns, rare_style)
   rare_of = {i: name for name, items in plan_rare_concepts(
       seed, num_items, rare_concepts, rare_count).items() for i in items}
   for index in range(num_items):
-    scene = _item_scene(seed, index, rare_of.get(index), two_object_fraction, patterns)
+    scene = _item_scene(seed, index, rare_of.get(index), two_object_fraction, patterns,
+                        rare_style)
     yield index, render_scene(scene, resolution), caption_scene(scene), scene
 
 
 def _item_scene(seed: int, index: int, rare: str | None,
                 two_object_fraction: float,
-                patterns: Sequence[str] = PATTERNS) -> dict[str, Any]:
+                patterns: Sequence[str] = PATTERNS,
+                rare_style: str = "varied") -> dict[str, Any]:
   """The scene of item `index`, from its own random stream."""
   rng = np.random.default_rng([seed, 1, index])
+  if rare is not None and rare_style in ("exemplar", "named"):
+    return _exemplar_scene(seed, rare, rng) | {"named": rare_style == "named"}
   two_objects = bool(rng.random() < two_object_fraction) and rare is None
   return sample_scene(rng, rare=rare, two_objects=two_objects, patterns=patterns)
 
 
+def _exemplar_scene(seed: int, rare: str, item_rng: np.random.Generator) -> dict[str, Any]:
+  """The shared scene of a rare concept's exemplar items, moved by this item's jitter.
+
+  The shared attributes come from a stream of (seed, concept); the object is large and plain
+  (unless the concept is a texture) so that the concept covers as many pixels as it can. The
+  galaxy's specks are shared too: a speck pattern seen once cannot be learnt, a repeated one can.
+  """
+  shared = np.random.default_rng([seed, 3, list(RARE_CONCEPTS).index(rare)])
+  scene = sample_scene(shared, rare=rare, patterns=("plain",))
+  obj = scene["objects"][0]
+  obj["size"], obj["radius"] = "large", OBJECT_RADIUS["large"]
+  if RARE_CONCEPTS[rare][0] != "texture":
+    obj["texture"] = "plain"
+  dx, dy = _OFFSETS[obj["position"]]
+  jitter = item_rng.uniform(-_JITTER, _JITTER, size=2)
+  obj["cx"] = round(0.5 + dx * _SINGLE_OFFSET + float(jitter[0]), 4)
+  obj["cy"] = round(0.5 + dy * _SINGLE_OFFSET + float(jitter[1]), 4)
+  return scene
+
+
 def describe_rare_concepts(seed: int, num_items: int, rare_concepts: Sequence[str] = tuple(
     RARE_CONCEPTS), rare_count: int = 5, two_object_fraction: float = 0.0,
-                           patterns: Sequence[str] = PATTERNS) -> dict[str, dict[str, Any]]:
+                           patterns: Sequence[str] = PATTERNS,
+                           rare_style: str = "varied") -> dict[str, dict[str, Any]]:
   """The ground truth about each planted concept, JSON-serialisable.
 
   For each concept: its kind, caption word, description, the items holding it, `prompts` (the
@@ -400,8 +448,8 @@ def describe_rare_concepts(seed: int, num_items: int, rare_concepts: Sequence[st
   plan = plan_rare_concepts(seed, num_items, rare_concepts, rare_count)
   out = {}
   for k, (name, indices) in enumerate(plan.items()):
-    prompts = [caption_scene(_item_scene(seed, i, name, two_object_fraction, patterns))[0]
-               for i in indices]
+    prompts = [caption_scene(_item_scene(seed, i, name, two_object_fraction, patterns,
+                                         rare_style))[0] for i in indices]
     rng = np.random.default_rng([seed, 2, k])
     unseen = caption_scene(sample_scene(rng, rare=name, patterns=patterns))[0]
     while unseen in prompts:
@@ -410,6 +458,7 @@ def describe_rare_concepts(seed: int, num_items: int, rare_concepts: Sequence[st
         "kind": {"pattern": "background"}.get(RARE_CONCEPTS[name][0], RARE_CONCEPTS[name][0]),
         "word": name,
         "description": RARE_DESCRIPTIONS[name],
+        "style": rare_style,
         "indices": indices,
         "prompts": prompts,
         "unseen_prompt": unseen,
@@ -420,7 +469,7 @@ def describe_rare_concepts(seed: int, num_items: int, rare_concepts: Sequence[st
 def generate_world(seed: int = 0, num_items: int = 2000, resolution: int = 32, *,
                    rare_concepts: Sequence[str] = tuple(RARE_CONCEPTS), rare_count: int = 5,
                    two_object_fraction: float = 0.0,
-                   patterns: Sequence[str] = PATTERNS) -> World:
+                   patterns: Sequence[str] = PATTERNS, rare_style: str = "varied") -> World:
   """Generates the whole world in memory, deterministically from `seed`.
 
   Args:
@@ -432,6 +481,7 @@ def generate_world(seed: int = 0, num_items: int = 2000, resolution: int = 32, *
     two_object_fraction: probability that a (non-rare) item shows two objects.
     patterns: background patterns of common items (a subset of PATTERNS; fewer patterns make
       a world a small model learns sooner).
+    rare_style: how a concept's items relate (RARE_STYLES: "varied" or "exemplar").
 
   Returns:
     World(images uint8 [N, H, W, 3], captions, attributes, rare_concepts).
@@ -440,12 +490,12 @@ def generate_world(seed: int = 0, num_items: int = 2000, resolution: int = 32, *
   captions, attributes = [], []
   for index, image, item_captions, scene in iter_world(
       seed, num_items, resolution, rare_concepts=rare_concepts, rare_count=rare_count,
-      two_object_fraction=two_object_fraction, patterns=patterns):
+      two_object_fraction=two_object_fraction, patterns=patterns, rare_style=rare_style):
     images[index] = image
     captions.append(item_captions)
     attributes.append(scene)
   rare = describe_rare_concepts(seed, num_items, rare_concepts, rare_count, two_object_fraction,
-                                patterns)
+                                patterns, rare_style)
   return World(images, captions, attributes, rare)
 
 
@@ -462,21 +512,26 @@ class TinyWorldConfig(tfds.core.BuilderConfig):
   rare_count: int = 5
   two_object_fraction: float = 0.0
   patterns: tuple[str, ...] = PATTERNS
+  rare_style: str = "varied"
 
   def world_kwargs(self) -> dict[str, Any]:
     return {"seed": self.seed, "num_items": self.num_items, "resolution": self.resolution,
             "rare_concepts": tuple(self.rare_concepts), "rare_count": self.rare_count,
-            "two_object_fraction": self.two_object_fraction, "patterns": tuple(self.patterns)}
+            "two_object_fraction": self.two_object_fraction, "patterns": tuple(self.patterns),
+            "rare_style": self.rare_style}
 
 
 _DEFAULT_EXTRAS = {"rare_concepts": list(RARE_CONCEPTS), "rare_count": 5,
-                   "two_object_fraction": 0.0, "patterns": list(PATTERNS)}
+                   "two_object_fraction": 0.0, "patterns": list(PATTERNS),
+                   "rare_style": "varied"}
 
 
 def _config_name(seed: int, num_items: int, resolution: int, extras: dict[str, Any]) -> str:
   name = f"seed{seed}_n{num_items}_r{resolution}"
   if extras != _DEFAULT_EXTRAS:  # Other settings get a short digest: names stay unique.
-    digest = hashlib.sha1(json.dumps(extras, sort_keys=True).encode()).hexdigest()[:8]
+    # rare_style came later: its default stays out of the digest, so older names still hold.
+    digested = {k: v for k, v in extras.items() if (k, v) != ("rare_style", "varied")}
+    digest = hashlib.sha1(json.dumps(digested, sort_keys=True).encode()).hexdigest()[:8]
     name += f"_{digest}"
   return name
 
@@ -489,7 +544,7 @@ def _make_config(seed: int, num_items: int, resolution: int, **extras: Any) -> T
   if unknown:
     raise TypeError(f"unknown tiny world settings: {sorted(unknown)}")
   _check_settings(num_items, resolution, settings["rare_concepts"], settings["rare_count"],
-                  settings["two_object_fraction"], settings["patterns"])
+                  settings["two_object_fraction"], settings["patterns"], settings["rare_style"])
   plan_rare_concepts(seed, num_items, settings["rare_concepts"], settings["rare_count"])
   return TinyWorldConfig(
       name=_config_name(seed, num_items, resolution, settings),
@@ -497,7 +552,7 @@ def _make_config(seed: int, num_items: int, resolution: int, **extras: Any) -> T
       seed=seed, num_items=num_items, resolution=resolution,
       rare_concepts=tuple(settings["rare_concepts"]), rare_count=settings["rare_count"],
       two_object_fraction=float(settings["two_object_fraction"]),
-      patterns=tuple(settings["patterns"]))
+      patterns=tuple(settings["patterns"]), rare_style=settings["rare_style"])
 
 
 _PREDEFINED = [_make_config(0, 2000, resolution) for resolution in (32, 16, 64)]
@@ -543,7 +598,8 @@ class TinyWorld(_common.ArrayRecordBuilder):
                      "patterns": list(kwargs["patterns"])},
         "rare_concepts": describe_rare_concepts(
             kwargs["seed"], kwargs["num_items"], kwargs["rare_concepts"],
-            kwargs["rare_count"], kwargs["two_object_fraction"], kwargs["patterns"]),
+            kwargs["rare_count"], kwargs["two_object_fraction"], kwargs["patterns"],
+            kwargs["rare_style"]),
     })
     return {"train": self._generate_examples(kwargs)}
 

@@ -59,7 +59,8 @@ def open_dataset(config: ml_collections.ConfigDict, data_dir: str) -> DatasetSou
     w = config.world
     builder = tiny_world.TinyWorld(data_dir=data_dir, config=tiny_world.config(
         seed=w.seed, num_items=w.num_items, resolution=w.resolution, rare_count=w.rare_count,
-        **({"patterns": tuple(w.patterns)} if "patterns" in w else {})))
+        **({"patterns": tuple(w.patterns)} if "patterns" in w else {}),
+        **({"rare_style": w.rare_style} if "rare_style" in w else {})))
     metadata = lambda b: {"rare_concepts": tiny_world.rare_concepts_of(b)}
   elif kind == "coco2017_captions":
     from attrib_jax.data import coco  # pylint: disable=g-import-not-at-top
