@@ -579,8 +579,9 @@ class TinyWorld(_common.ArrayRecordBuilder):
   The ground truth (settings and rare concepts) is in `builder.info.metadata`, written by TFDS
   as `metadata.json` in the dataset directory.
   """
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "1.1.0": "Larger objects (radii 0.24 / 0.32, offset 0.17); rare_style."}
   BUILDER_CONFIGS = _PREDEFINED
 
   def _info(self) -> tfds.core.DatasetInfo:
