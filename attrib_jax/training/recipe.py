@@ -51,6 +51,20 @@ def fingerprint(tree: Any) -> str:
   return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def dataset_version(config: ml_collections.ConfigDict) -> str:
+  """The version of the config's dataset builder: part of the fingerprints of what is made from
+  the data (precomputed arrays, trained models), because a generator change (e.g. the tiny
+  world's geometry) can change the items while the config stays the same."""
+  kind = config.world.kind
+  if kind == "tiny_world":
+    from attrib_jax.data import tiny_world  # pylint: disable=g-import-not-at-top
+    return str(tiny_world.TinyWorld.VERSION)
+  if kind == "coco2017_captions":
+    from attrib_jax.data import coco  # pylint: disable=g-import-not-at-top
+    return str(coco.Coco2017Captions.VERSION)
+  raise ValueError(f"config.world.kind: unknown dataset {kind!r} (tiny_world, coco2017_captions)")
+
+
 def open_dataset(config: ml_collections.ConfigDict, data_dir: str) -> DatasetSource:
   """Builds (once) and opens the config's TFDS dataset for random access."""
   kind = config.world.kind
@@ -159,7 +173,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, log=print):
       encode_images=encode_images, encode_text=encode_text, num_captions=config.num_captions,
       dtype=config.precompute_dtype,
       fingerprint={"world": config.world.to_dict(), "text": config.text_encoder.to_dict()
-                   if "text_encoder" in config else None, "seed": config.seed}, log=log)
+                   if "text_encoder" in config else None, "seed": config.seed,
+                   "data_version": dataset_version(config)}, log=log)
   return source, precompute.load(pre_dir), model_dir
 
 
@@ -171,7 +186,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, excluded=(), log=pri
   # Blocks that cannot change the trained weights are left out of the fingerprint, so that
   # e.g. an attribution override does not make the finished model look stale.
   trained_with = {"config": {k: v for k, v in settings["config"].items()
-                             if k not in NOT_TRAINING_KEYS}, "excluded": settings["excluded"]}
+                             if k not in NOT_TRAINING_KEYS}, "excluded": settings["excluded"],
+                  "data_version": dataset_version(config)}
   if os.path.exists(done_path):
     with open(done_path) as f:
       done = json.load(f)
