@@ -100,8 +100,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       checkpoint_every=3 if smoke else 1000, log_every=2 if smoke else 250,
       sample_every=0 if smoke else 3000, num_devices=0))  # 0: every device
 
-  # Guidance 2 against 3 on this model: colour and shape right on 52 % / 45 % of 100 fresh
-  # prompts (colour 94 % / 89 %); 5 over-saturates (measured on the 32/64/64 model: 25 %).
+  # Guidance 2 against 3 on this model (measured with the earlier small objects, radii
+  # 0.14 / 0.24): colour and shape right on 52 % / 45 % of 100 fresh prompts (colour 94 % /
+  # 89 %); 5 over-saturates (measured on the 32/64/64 model: 25 %).
   c.generate = ml_collections.ConfigDict(dict(
       sampler="ddim", num_steps=10 if smoke else 50, guidance_scale=2.0, eta=0.0, seed=0,
       batch_size=16, queries_per_rare_concept=1 if smoke else 2,

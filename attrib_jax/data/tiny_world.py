@@ -483,7 +483,7 @@ def generate_world(seed: int = 0, num_items: int = 2000, resolution: int = 32, *
     two_object_fraction: probability that a (non-rare) item shows two objects.
     patterns: background patterns of common items (a subset of PATTERNS; fewer patterns make
       a world a small model learns sooner).
-    rare_style: how a concept's items relate (RARE_STYLES: "varied" or "exemplar").
+    rare_style: how a concept's items relate (RARE_STYLES: "varied", "exemplar" or "named").
 
   Returns:
     World(images uint8 [N, H, W, 3], captions, attributes, rare_concepts).
