@@ -53,8 +53,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       batch_size=4 if local else 64, queries_per_rare_concept=0, num_common_queries=0))
 
   # SPEC §2: 5 Fisher epochs at batch 32; α 0.01, one step of 50,000 draws (625 x 80);
-  # 20 timesteps x 5 captions x 2 flips per item.
+  # 20 timesteps x 5 captions x 2 flips per item. AbU, the paper's method; AbU+ (EK-FAC, damping
+  # 0.1 x mean Λ, SPEC §2) with --config.attribution.preconditioner=ekfac.
   c.attribution = ml_collections.ConfigDict(dict(
+      preconditioner="fisher",
+      ekfac=dict(num_epochs=1, batch_size=32, seed=0, damping_scale=0.1),
       fisher=dict(selection="cross-attn-kv", num_epochs=1 if local else 5, batch_size=32,
                   seed=0),
       unlearn=dict(alpha=0.01, num_steps=1, num_draws=80 if local else 50_000,

@@ -112,6 +112,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # to a 1,000-item world: α, one step and the cross-attention K/V selection are the paper's;
   # fewer Fisher epochs, draws and timesteps keep a query to about a minute on 2 cores.
   c.attribution = ml_collections.ConfigDict(dict(
+      preconditioner="ekfac",
+      ekfac=dict(num_epochs=1 if smoke else 4, batch_size=32, seed=0, damping_scale=0.001),
       fisher=dict(selection="cross-attn-kv", num_epochs=1 if smoke else 2, batch_size=32,
                   seed=0),
       unlearn=dict(alpha=0.01, num_steps=1, num_draws=160 if smoke else 2000,

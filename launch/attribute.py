@@ -5,10 +5,14 @@ r"""Attribution by Unlearning for generated queries (or any image + prompt).
       --image=photo.png --prompt="a red circle"      # a query from an image
   python -m launch.attribute --config=configs/tiny.py --workdir=runs/tiny \
       --config.attribution.unlearn.num_draws=4000    # any setting, as an override
+  python -m launch.attribute --config=configs/tiny.py --workdir=runs/tiny \
+      --config.attribution.preconditioner=fisher     # AbU instead of the config's choice
 
 Reads workdir/model, workdir/precomputed and workdir/queries; writes workdir/attribution/
-(fisher.npz, pre_losses.npz, <query>/result.npz|json, <query>/topk.png, report.html,
-summary.json). Finished queries are kept; an interrupted sweep resumes.
+(AbU, preconditioner "fisher") or workdir/attribution_plus/ (AbU+, "ekfac"): <query>/result.npz|
+json, <query>/topk.png, report.html, summary.json. The preconditioner (fisher.npz, ekfac.npz)
+and the pre losses (pre_losses.npz) are kept in workdir/attribution/ for both. Finished queries
+are kept; an interrupted sweep resumes.
 """
 import os
 
@@ -43,7 +47,8 @@ def main(argv):
   pipe = common.load_trained_pipeline(workdir)
   arrays = precompute.load(os.path.join(workdir, "precomputed"))
   source = recipe.open_dataset(config, os.path.join(workdir, "tfds"))
-  out_dir = os.path.join(workdir, "attribution")
+  settings = runner.AbUSettings.from_config(config.attribution)
+  out_dir = os.path.join(workdir, runner.out_dir_name(settings))
 
   query_dirs = list(_QUERIES.value)
   if _IMAGE.value:
@@ -58,8 +63,8 @@ def main(argv):
   if not query_dirs:
     raise FileNotFoundError(f"No queries in {workdir}/queries: run launch.generate first")
 
-  abu = runner.AbU(pipe.apply_unet, pipe.unet_params, arrays, pipe.schedule,
-                   runner.AbUSettings.from_config(config.attribution), out_dir,
+  abu = runner.AbU(pipe.apply_unet, pipe.unet_params, arrays, pipe.schedule, settings, out_dir,
+                   cache_dir=os.path.join(workdir, "attribution"),
                    mesh=parallel.make_mesh(_NUM_DEVICES.value or None), log=common.log)
   images_of = lambda indices: source.get_items(np.asarray(indices))[0]
   # Pixel-space nearest neighbours, reported beside AbU (the paper's weakest real baseline).

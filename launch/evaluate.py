@@ -16,7 +16,7 @@ are kept.
 Settings: the config's `evaluation` block when it has one, else these defaults (every key is
 optional; unknown keys are errors):
   evaluation = dict(
-      methods=("abu", "pixel", "features", "trak", "d-trak", "random"),
+      methods=("abu", "abu+", "pixel", "features", "trak", "d-trak", "random"),
       method_configs={},        # method -> baselines.make_method settings, e.g.
                                 #   {"d-trak": {"proj_dim": 256}, "features": {"extractor":
                                 #   "random-conv"}}; flips default to (0,) when train.random_flip
@@ -32,7 +32,8 @@ optional; unknown keys are errors):
                                 # no LDS; train_seeds=() -> the config's seed only
       queries=(),               # query names under workdir/queries; () -> all
       keep_train_checkpoints=False)
-AbU uses `config.attribution` (as launch.attribute); "abu" needs it.
+AbU ("abu", the diagonal Fisher) and AbU+ ("abu+", EK-FAC) use `config.attribution` (as
+launch.attribute) with that preconditioner, whatever the config's own choice.
 
 Compilation: every retraining compiles the same training step; a persistent XLA cache
 (--compilation_cache, default workdir/evaluation/xla_cache) makes the later ones cache hits.
@@ -41,6 +42,7 @@ tracing, lowering and compiling or loading from that cache, with the cache's hit
 (`counterfactual.JitClock`); summary.json's `retraining` has the run's means.
 """
 import copy
+import dataclasses
 import os
 
 from absl import app
@@ -90,18 +92,21 @@ def _scorers(config, settings, pipe, apply_fn, arrays, source, base_fp, out_dir,
   out = {}
   for name in settings.methods:
     method_config = dict(settings.method_configs.get(name, {}))
-    if name == "abu":
-      abu = runner.AbU(apply_fn, pipe.unet_params, arrays, pipe.schedule,
-                       runner.AbUSettings.from_config(config.attribution),
-                       os.path.join(_WORKDIR.value, "attribution"), mesh=mesh, log=common.log)
+    if name in ("abu", "abu+"):
+      abu_settings = runner.AbUSettings.from_config(config.attribution).with_preconditioner(
+          "fisher" if name == "abu" else "ekfac")
+      abu = runner.AbU(apply_fn, pipe.unet_params, arrays, pipe.schedule, abu_settings,
+                       os.path.join(_WORKDIR.value, runner.out_dir_name(abu_settings)),
+                       cache_dir=os.path.join(_WORKDIR.value, "attribution"), mesh=mesh,
+                       log=common.log)
 
       def abu_scores(query_name, query, abu=abu):
         result = abu.score(query, query_name)
         position = {int(i): r for r, i in enumerate(result["index"])}
         return result["scores"][[position[int(i)] for i in index]]
 
-      out[name] = eval_report.Scorer(abu_scores, {"method": "abu", "model": base_fp,
-                                                  "settings": config.attribution.to_dict()})
+      out[name] = eval_report.Scorer(abu_scores, {
+          "method": name, "model": base_fp, "settings": dataclasses.asdict(abu_settings)})
       continue
     if name in _FLIP_METHODS and not config.train.random_flip:
       method_config.setdefault("flips", (0,))   # flipped views were never training examples

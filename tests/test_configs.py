@@ -38,6 +38,34 @@ def test_unknown_attribution_key_is_an_error():
   bad["unlearn"]["alpah"] = 0.1
   with pytest.raises(TypeError, match="alpah"):
     runner.AbUSettings.from_config(bad)
+  bad = config.attribution.to_dict()
+  bad["preconditoner"] = "ekfac"
+  with pytest.raises(ValueError, match="preconditoner"):
+    runner.AbUSettings.from_config(bad)
+  bad = config.attribution.to_dict()
+  bad["preconditioner"] = "kfac"
+  with pytest.raises(ValueError, match="'kfac' is not one of"):
+    runner.AbUSettings.from_config(bad)
+  bad = config.attribution.to_dict()
+  bad["ekfac"] = {"damping": 0.1}
+  with pytest.raises(TypeError, match="damping"):
+    runner.AbUSettings.from_config(bad)
+
+
+def test_abu_plus_settings_follow_the_unlearning_block():
+  config = importlib.import_module("configs.tiny").get_config()
+  c = config.attribution.to_dict()
+  c["preconditioner"], c["ekfac"] = "ekfac", {"damping_scale": 0.02, "num_epochs": 3}
+  settings = runner.AbUSettings.from_config(c)
+  assert settings.method == "abu+" and runner.out_dir_name(settings) == "attribution_plus"
+  step = settings.ekfac_unlearn_settings()
+  assert (step.alpha, step.num_steps, step.num_draws, step.damping_scale, step.selection) == (
+      c["unlearn"]["alpha"], c["unlearn"]["num_steps"], c["unlearn"]["num_draws"], 0.02,
+      c["unlearn"]["selection"])
+  assert settings.ekfac_settings().num_epochs == 3
+  assert settings.ekfac_settings().selection == c["unlearn"]["selection"]
+  fisher = settings.with_preconditioner("fisher")
+  assert fisher.method == "abu" and runner.out_dir_name(fisher) == "attribution"
 
 
 @pytest.mark.parametrize("variant", [None, "smoke"])

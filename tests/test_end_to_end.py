@@ -31,11 +31,21 @@ def test_smoke_main_job(tmp_path):
   _run("launch.generate", workdir)
   queries = sorted(os.listdir(os.path.join(workdir, "queries")))
   assert "overview.png" in queries and any(q.startswith("rare_") for q in queries)
+  # The default is AbU+ (configs/tiny.py): results in attribution_plus/, the preconditioner
+  # and pre losses in attribution/.
   log = _run("launch.attribute", workdir)
+  assert "ekfac: " in log and "pre losses:" in log, log
+  summary = json.load(open(os.path.join(workdir, "attribution_plus", "summary.json")))
+  assert summary["summary"]["num_queries"] == len(queries) - 1
+  assert set(summary["summary"]["mean_recall@10"]) == {"abu+", "pixel"}
+  assert os.path.exists(os.path.join(workdir, "attribution_plus", "report.html"))
+  assert os.path.exists(os.path.join(workdir, "attribution", "ekfac.npz"))
+  # AbU on the same workdir: its own results, the pre losses reused.
+  log = _run("launch.attribute", workdir, "--config.attribution.preconditioner=fisher")
+  assert "fisher: " in log and "pre losses:" not in log, log
   summary = json.load(open(os.path.join(workdir, "attribution", "summary.json")))
   assert summary["summary"]["num_queries"] == len(queries) - 1
   assert set(summary["summary"]["mean_recall@10"]) == {"abu", "pixel"}
-  assert os.path.exists(os.path.join(workdir, "attribution", "report.html"))
   # The trained UNet is a diffusers-format directory.
   pipe = pipeline.load_pipeline(os.path.join(workdir, "model"))
   assert pipe.pixel_patch == 2 and pipe.latent_shape == (8, 8, 12)
@@ -48,3 +58,29 @@ def test_pixel_codec_round_trip():
   np.testing.assert_array_equal(folded[0, 1, 2, :3], x[0, 2, 4])   # patch origin pixel
   np.testing.assert_array_equal(folded[0, 1, 2, 3:6], x[0, 2, 5])  # its right neighbour
   np.testing.assert_array_equal(pipeline.depth_to_space(folded, 2), x)
+
+
+def test_smoke_evaluation_with_abu_and_abu_plus(tmp_path):
+  """launch.evaluate's own wiring (the method registry, AbU and AbU+ through the runner, the
+  table), reduced to one query, one K and no LDS or regeneration to stay short."""
+  workdir = str(tmp_path / "eval")
+  config = "--config=configs/tiny_eval.py:smoke"
+
+  def run(module, *extra):
+    env = dict(os.environ, XLA_FLAGS="")
+    out = subprocess.run([sys.executable, "-m", module, config, f"--workdir={workdir}", *extra],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+  run("launch.train")
+  run("launch.generate")
+  run("launch.evaluate", "--config.evaluation.queries=('rare_moon_0',)",
+      "--config.evaluation.lds.num_subsets=0", "--config.evaluation.random_draws=1",
+      "--config.evaluation.methods=('abu', 'abu+', 'random')", "--config.evaluation.ks=(2,)",
+      "--config.evaluation.regenerate=False")
+  rows = open(os.path.join(workdir, "evaluation", "table.csv")).read().splitlines()
+  assert [r.split(",")[0] for r in rows[1:]] == ["abu", "abu+", "random"], rows
+  for name in ("attribution", "attribution_plus"):
+    assert os.path.exists(os.path.join(workdir, name, "rare_moon_0", "result.json")), name
+  assert os.path.exists(os.path.join(workdir, "attribution", "ekfac.npz"))

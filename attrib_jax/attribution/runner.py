@@ -1,8 +1,13 @@
-"""AbU over query directories: the Fisher and the pre losses once per model, then per query
-unlearn -> sweep -> scores -> result files and pictures. What `launch/attribute.py` calls.
+"""AbU over query directories: the preconditioner and the pre losses once per model, then per
+query unlearn -> sweep -> scores -> result files and pictures. What `launch/attribute.py` calls.
+
+`AbUSettings.preconditioner` picks the method: "fisher" is AbU (the diagonal Fisher), "ekfac"
+is AbU+ (EK-FAC factors of the selected layers, ekfac.py). Both share the loss sweep and its
+cached pre losses; their results live in different directories (`out_dir_name`).
 
 Everything lands under `out_dir` and is reused when present with the same fingerprint:
-  fisher.npz, pre_losses.npz     once per (model, settings)
+  fisher.npz | ekfac.npz         once per (model, settings), in `cache_dir` (default out_dir)
+  pre_losses.npz                 once per (model, sweep settings), in `cache_dir`
   <query>/result.npz|json        scores, ranking, settings, model fingerprint (atomic)
   <query>/topk.png               the query beside its top-k with scores
   report.html, summary.json      every query, and recall of the ground truth where known
@@ -19,6 +24,7 @@ import jax
 import numpy as np
 
 from attrib_jax import generation
+from attrib_jax.attribution import ekfac as ekfac_lib
 from attrib_jax.attribution import fisher as fisher_lib
 from attrib_jax.attribution import report
 from attrib_jax.attribution import scores as scores_lib
@@ -26,37 +32,89 @@ from attrib_jax.attribution import sweep as sweep_lib
 from attrib_jax.attribution import unlearn as unlearn_lib
 
 
+PRECONDITIONERS = ("fisher", "ekfac")   # AbU, AbU+
+
+
+@dataclasses.dataclass(frozen=True)
+class EKFACBlock:
+  """AbU+'s factor estimation and damping (the config's `attribution.ekfac`). The layers are
+  the unlearning step's selection, so they always match."""
+  num_epochs: int = 1
+  batch_size: int = 32
+  seed: int = 0
+  damping_scale: float = 0.1    # SPEC §2: d = 0.1 · mean(Λ), per layer
+
+
 @dataclasses.dataclass(frozen=True)
 class AbUSettings:
   fisher: fisher_lib.FisherSettings
   unlearn: unlearn_lib.UnlearnSettings
   sweep: sweep_lib.SweepSettings
+  preconditioner: str = "fisher"
+  ekfac: EKFACBlock = EKFACBlock()
+
+  def __post_init__(self):
+    if self.preconditioner not in PRECONDITIONERS:
+      raise ValueError(f"attribution.preconditioner {self.preconditioner!r} is not one of "
+                       f"{PRECONDITIONERS}")
 
   @classmethod
   def from_config(cls, c: Mapping[str, Any]) -> "AbUSettings":
     """From a config's `attribution` block (unknown keys are an error, by the dataclasses)."""
     c = dict(c)
+    unknown = sorted(set(c) - {"fisher", "unlearn", "sweep", "preconditioner", "ekfac"})
+    if unknown:
+      raise ValueError(f"Unknown attribution settings {unknown}")
     sweep = dict(c["sweep"])
     for key in ("timesteps", "flips"):
       if key in sweep:
         sweep[key] = tuple(sweep[key])
     return cls(fisher_lib.FisherSettings(**dict(c["fisher"])),
                unlearn_lib.UnlearnSettings(**dict(c["unlearn"])),
-               sweep_lib.SweepSettings(**sweep))
+               sweep_lib.SweepSettings(**sweep),
+               preconditioner=c.get("preconditioner", "fisher"),
+               ekfac=EKFACBlock(**dict(c.get("ekfac", {}))))
+
+  @property
+  def method(self) -> str:
+    return "abu" if self.preconditioner == "fisher" else "abu+"
+
+  def ekfac_settings(self) -> ekfac_lib.EKFACSettings:
+    return ekfac_lib.EKFACSettings(selection=self.unlearn.selection,
+                                   num_epochs=self.ekfac.num_epochs,
+                                   batch_size=self.ekfac.batch_size, seed=self.ekfac.seed)
+
+  def ekfac_unlearn_settings(self) -> ekfac_lib.EKFACUnlearnSettings:
+    u = self.unlearn
+    return ekfac_lib.EKFACUnlearnSettings(
+        alpha=u.alpha, num_steps=u.num_steps, num_draws=u.num_draws, micro_batch=u.micro_batch,
+        damping_scale=self.ekfac.damping_scale, seed=u.seed, selection=u.selection)
+
+  def with_preconditioner(self, preconditioner: str) -> "AbUSettings":
+    return dataclasses.replace(self, preconditioner=preconditioner)
+
+
+def out_dir_name(settings: AbUSettings) -> str:
+  """Where a workdir keeps one method's results: attribution/ (AbU), attribution_plus/ (AbU+)."""
+  return "attribution" if settings.preconditioner == "fisher" else "attribution_plus"
 
 
 class AbU:
   """Attribution by Unlearning for one trained model and its precomputed training set."""
 
   def __init__(self, apply_fn: Callable, params: Any, arrays: Mapping[str, Any], schedule,
-               settings: AbUSettings, out_dir: str, *, mesh=None,
+               settings: AbUSettings, out_dir: str, *, cache_dir: str | None = None, mesh=None,
                log: Callable[[str], None] = print):
+    """`cache_dir` (default `out_dir`) holds the preconditioner and the pre losses, so AbU and
+    AbU+ runs of one model can share the pre losses."""
     self.apply_fn, self.params, self.arrays, self.schedule = apply_fn, params, arrays, schedule
     self.settings, self.out_dir, self.mesh, self.log = settings, out_dir, mesh, log
+    self.cache_dir = cache_dir or out_dir
     self.index = np.asarray(arrays["index"]).astype(np.int64)
     self.model_fingerprint = scores_lib.params_fingerprint(params)
     os.makedirs(out_dir, exist_ok=True)
-    self._fisher = self._pre = None
+    os.makedirs(self.cache_dir, exist_ok=True)
+    self._fisher = self._ekfac = self._pre = None
 
   def _progress(self, p: scores_lib.Progress) -> None:
     self.log(str(p))
@@ -64,7 +122,7 @@ class AbU:
   @property
   def fisher(self) -> fisher_lib.Fisher:
     if self._fisher is None:
-      path = os.path.join(self.out_dir, "fisher.npz")
+      path = os.path.join(self.cache_dir, "fisher.npz")
       expected = fisher_lib.expected_fingerprint(self.params, self.index, self.schedule,
                                                  self.settings.fisher)
       if os.path.exists(path):
@@ -75,11 +133,41 @@ class AbU:
         self._fisher = fisher_lib.compute_fisher(
             self.apply_fn, self.params, self.arrays, self.schedule,
             settings=self.settings.fisher, mesh=self.mesh,
-            checkpoint_path=os.path.join(self.out_dir, "fisher_partial.npz"),
+            checkpoint_path=os.path.join(self.cache_dir, "fisher_partial.npz"),
             progress=self._progress)
         fisher_lib.save_fisher(path, self._fisher)
         self.log(f"fisher: {self._fisher.num_examples} examples in {time.time() - t0:.0f}s")
     return self._fisher
+
+  @property
+  def ekfac(self) -> ekfac_lib.EKFAC:
+    """AbU+'s factors (two passes over the training set; not checkpointed within a pass)."""
+    if self._ekfac is None:
+      path = os.path.join(self.cache_dir, "ekfac.npz")
+      settings = self.settings.ekfac_settings()
+      expected = ekfac_lib.expected_fingerprint(self.params, self.index, self.schedule, settings)
+      if os.path.exists(path):
+        self._ekfac = ekfac_lib.load_ekfac(path, expected)
+        self.log(f"ekfac: reusing {path}")
+      else:
+        t0 = time.time()
+        self._ekfac = ekfac_lib.compute_ekfac(self.apply_fn, self.params, self.arrays,
+                                              self.schedule, settings=settings, mesh=self.mesh,
+                                              progress=self._progress)
+        ekfac_lib.save_ekfac(path, self._ekfac)
+        self.log(f"ekfac: {self._ekfac.num_examples} examples in {time.time() - t0:.0f}s")
+    return self._ekfac
+
+  def unlearn(self, query: generation.Query) -> Any:
+    """θ' for one query, by the settings' preconditioner."""
+    if self.settings.preconditioner == "ekfac":
+      return ekfac_lib.ekfac_unlearn(
+          self.apply_fn, self.params, self.ekfac, query.latent, query.text_states,
+          self.schedule, num_train=len(self.index),
+          settings=self.settings.ekfac_unlearn_settings(), mesh=self.mesh)
+    return unlearn_lib.unlearn(
+        self.apply_fn, self.params, self.fisher, query.latent, query.text_states, self.schedule,
+        num_train=len(self.index), settings=self.settings.unlearn, mesh=self.mesh)
 
   @property
   def pre_slot_losses(self) -> np.ndarray | None:
@@ -87,14 +175,14 @@ class AbU:
     if self.settings.sweep.method != "cached":
       return None
     if self._pre is None:
-      path = os.path.join(self.out_dir, "pre_losses.npz")
+      path = os.path.join(self.cache_dir, "pre_losses.npz")
       key = sweep_lib.cache_key(self.model_fingerprint, self.settings.sweep, self.schedule)
       if not os.path.exists(path):
         t0 = time.time()
         result = sweep_lib.compute_pre_losses(
             self.apply_fn, self.params, self.arrays, self.schedule,
             settings=self.settings.sweep, mesh=self.mesh, progress=self._progress,
-            checkpoint_path=os.path.join(self.out_dir, "pre_partial.npz"))
+            checkpoint_path=os.path.join(self.cache_dir, "pre_partial.npz"))
         sweep_lib.save_pre_cache(path, key, result)
         self.log(f"pre losses: {len(self.index)} items in {time.time() - t0:.0f}s")
       self._pre = sweep_lib.load_pre_cache(path, key, self.index)
@@ -114,9 +202,7 @@ class AbU:
         self.log(f"{name}: recomputing ({e})")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     t0 = time.time()
-    params_after = unlearn_lib.unlearn(
-        self.apply_fn, self.params, self.fisher, query.latent, query.text_states, self.schedule,
-        num_train=len(self.index), settings=self.settings.unlearn, mesh=self.mesh)
+    params_after = self.unlearn(query)
     jax.block_until_ready(params_after)   # dispatch is asynchronous: time the work itself
     t1 = time.time()
     result = sweep_lib.sweep(
@@ -164,7 +250,7 @@ def attribute_queries(abu: AbU, query_dirs: Sequence[str],
     entry = {"name": name, "prompt": query.info.get("prompt"), "picture": picture,
              "top": top.tolist(), "seconds": result["meta"]["settings"]["seconds"]}
     if truth:
-      entry["recall@10"] = {"abu": scores_lib.recall_at_k(ranking, truth, 10)}
+      entry["recall@10"] = {abu.settings.method: scores_lib.recall_at_k(ranking, truth, 10)}
       for method, fn in baselines.items():
         entry["recall@10"][method] = scores_lib.recall_at_k(
             scores_lib.rank(fn(query), abu.index), truth, 10)

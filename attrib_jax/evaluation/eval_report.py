@@ -36,7 +36,7 @@ from attrib_jax.evaluation import counterfactual as cf
 from attrib_jax.evaluation import lds as lds_lib
 from attrib_jax.generation import Query
 
-DEFAULT_METHODS = ("abu", "pixel", "features", "trak", "d-trak", cf.RANDOM)
+DEFAULT_METHODS = ("abu", "abu+", "pixel", "features", "trak", "d-trak", cf.RANDOM)
 
 
 # -------------------------------------------------------------------------- settings ---
