@@ -24,6 +24,6 @@ demo: install
 	$(PY) -m launch.train --config=$(CONFIG) --workdir=$(WORKDIR)
 	$(PY) -m launch.generate --config=$(CONFIG) --workdir=$(WORKDIR)
 	$(PY) -m launch.attribute --config=$(CONFIG) --workdir=$(WORKDIR)
-	@echo "Results in $(WORKDIR): model/, train/samples_*.png, queries/overview.png, attribution/report.html"
+	@echo "Results in $(WORKDIR): model/, train/samples_*.png, queries/overview.png, attribution_plus/report.html (AbU+)"
 
 .PHONY: demo

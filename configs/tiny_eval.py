@@ -3,7 +3,7 @@ r"""The tiny world sized for the counterfactual evaluation (issue 6): an hour on
   python -m launch.train --config=configs/tiny_eval.py --workdir=runs/eval       # ~1 min
   python -m launch.generate --config=configs/tiny_eval.py --workdir=runs/eval    # ~20 s
   python -m launch.attribute --config=configs/tiny_eval.py --workdir=runs/eval   # ~3 min
-  python -m launch.evaluate --config=configs/tiny_eval.py --workdir=runs/eval    # ~45 min
+  python -m launch.evaluate --config=configs/tiny_eval.py --workdir=runs/eval    # ~50 min
   # a reduced evaluation (any key of the `evaluation` block below can be overridden):
   python -m launch.evaluate --config=configs/tiny_eval.py --workdir=runs/eval \
       --config.evaluation.queries='("rare_moon_0",)' --config.evaluation.lds.num_subsets=0
@@ -12,9 +12,9 @@ r"""The tiny world sized for the counterfactual evaluation (issue 6): an hour on
 
 Why smaller than configs/tiny.py. The evaluation retrains the model from scratch once per
 (query, method, K) cell whose top-K no other cell shares, once per random draw and K, and once
-per LDS subset: with 10 queries, 2 K, 5 ranked methods, 3 random draws and 5 LDS subsets, up to
-10·2·5 + 3·2 + 5 = 111 retrainings. The default tiny model trains for about 7 minutes; for the
-whole run to fit in 60 minutes a retraining must take about 20-25 s including its overheads
+per LDS subset: with 10 queries, 2 K, 6 ranked methods, 3 random draws and 5 LDS subsets, up to
+10·2·6 + 3·2 + 5 = 131 retrainings (the measured run needed all 131: 52 min 19 s). The
+default tiny model trains for about 7 minutes; for the whole run to fit in 60 minutes a retraining must take about 20-25 s including its overheads
 (building and tracing the step, loading it from the persistent XLA cache, the checkpoint).
 So: 256 items instead of 1,000 (the 5 planted rare concepts kept, 4 items each), a two-level
 UNet of 32/64 channels instead of three levels of 24/48/48, and 500 steps of 16 instead of
@@ -81,9 +81,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.generate.queries_per_rare_concept = 1 if smoke else 2
   c.generate.num_common_queries = 1 if smoke else 0
 
-  # AbU: configs/tiny.py's settings; on 256 items a query takes ~10 s (unlearn 4 s, sweep 5 s)
-  # after the Fisher and the pre losses (~20 s, once), in launch.attribute; the evaluation
-  # reuses its results.
+  # AbU and AbU+: configs/tiny.py's settings (launch.attribute runs its default, AbU+). On 256
+  # items a query takes ~8 s (unlearn 3 s, sweep 5 s) after the factors and the pre losses
+  # (once); the evaluation reuses those results and computes the other method's itself.
 
   # launch/evaluate.py's block (see its docstring for every key).
   c.evaluation = ml_collections.ConfigDict(dict(

@@ -187,3 +187,16 @@ def test_leave_k_out_batches_are_the_full_runs_with_the_excluded_rows_dropped():
     whole = full_stream[epoch * 12:(epoch + 1) * 12]
     np.testing.assert_array_equal(kept_stream[epoch * 10:(epoch + 1) * 10],
                                   whole[~np.isin(whole, [2, 7])])
+
+
+def test_dataset_kind_names_its_builder_or_is_an_error():
+  import importlib  # pylint: disable=g-import-not-at-top
+  from attrib_jax.data import tiny_world  # pylint: disable=g-import-not-at-top
+  from attrib_jax.training import recipe  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module("configs.tiny").get_config("smoke")
+  assert recipe.dataset_version(config) == str(tiny_world.TinyWorld.VERSION)
+  config.world.kind = "tiny_wrold"
+  with pytest.raises(ValueError, match="unknown dataset 'tiny_wrold'"):
+    recipe.dataset_version(config)
+  with pytest.raises(ValueError, match="unknown dataset 'tiny_wrold'"):
+    recipe.open_dataset(config, "/nonexistent")

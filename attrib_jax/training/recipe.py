@@ -51,39 +51,42 @@ def fingerprint(tree: Any) -> str:
   return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _builder_class(kind: str):
+  """The TFDS builder class of a `config.world.kind` (imported on demand: each pulls its own
+  dependencies)."""
+  if kind == "tiny_world":
+    from attrib_jax.data import tiny_world  # pylint: disable=g-import-not-at-top
+    return tiny_world.TinyWorld
+  if kind == "coco2017_captions":
+    from attrib_jax.data import coco  # pylint: disable=g-import-not-at-top
+    return coco.Coco2017Captions
+  raise ValueError(f"config.world.kind: unknown dataset {kind!r} (tiny_world, coco2017_captions)")
+
+
 def dataset_version(config: ml_collections.ConfigDict) -> str:
   """The version of the config's dataset builder: part of the fingerprints of what is made from
   the data (precomputed arrays, trained models), because a generator change (e.g. the tiny
   world's geometry) can change the items while the config stays the same."""
-  kind = config.world.kind
-  if kind == "tiny_world":
-    from attrib_jax.data import tiny_world  # pylint: disable=g-import-not-at-top
-    return str(tiny_world.TinyWorld.VERSION)
-  if kind == "coco2017_captions":
-    from attrib_jax.data import coco  # pylint: disable=g-import-not-at-top
-    return str(coco.Coco2017Captions.VERSION)
-  raise ValueError(f"config.world.kind: unknown dataset {kind!r} (tiny_world, coco2017_captions)")
+  return str(_builder_class(config.world.kind).VERSION)
 
 
 def open_dataset(config: ml_collections.ConfigDict, data_dir: str) -> DatasetSource:
   """Builds (once) and opens the config's TFDS dataset for random access."""
   kind = config.world.kind
+  builder_class = _builder_class(kind)
   if kind == "tiny_world":
     from attrib_jax.data import tiny_world  # pylint: disable=g-import-not-at-top
     w = config.world
-    builder = tiny_world.TinyWorld(data_dir=data_dir, config=tiny_world.config(
+    builder = builder_class(data_dir=data_dir, config=tiny_world.config(
         seed=w.seed, num_items=w.num_items, resolution=w.resolution, rare_count=w.rare_count,
         **({"patterns": tuple(w.patterns)} if "patterns" in w else {}),
         **({"rare_style": w.rare_style} if "rare_style" in w else {})))
     metadata = lambda b: {"rare_concepts": tiny_world.rare_concepts_of(b)}
-  elif kind == "coco2017_captions":
+  else:  # coco2017_captions
     from attrib_jax.data import coco  # pylint: disable=g-import-not-at-top
-    builder = coco.Coco2017Captions(data_dir=data_dir, config=coco.config(
+    builder = builder_class(data_dir=data_dir, config=coco.config(
         resolution=config.world.resolution), manual_dir=config.world.manual_dir)
     metadata = lambda b: {}
-  else:
-    raise ValueError(f"config.world.kind: unknown dataset {kind!r} "
-                     "(tiny_world, coco2017_captions)")
   builder.download_and_prepare()
   source = reader.load_split(builder)   # random access by the items' stable `index`
   if len(source) == 0:
