@@ -330,3 +330,19 @@ def test_settings_refuse_unknown_keys():
   assert eval_report.EvalSettings.from_config({"lds": {"num_subsets": 0}}).lds is None
   with pytest.raises(ValueError, match="random-removal floor"):
     cf.make_cells({"random": {}}, [], [1], index=np.arange(5))
+
+
+def test_shared_data_links_survive_moving_the_workdir(tmp_path):
+  base = tmp_path / "run"
+  for sub in ("tfds", "precomputed", "model/text_encoder"):
+    (base / sub).mkdir(parents=True)
+  (base / "precomputed" / "latents.npy").write_bytes(b"x")
+  retrained = base / "evaluation" / "models" / "abc"
+  cf.link_shared_data(str(base), str(retrained))
+  cf.link_shared_data(str(base), str(retrained))          # idempotent
+  moved = tmp_path / "moved"
+  base.rename(moved)
+  linked = moved / "evaluation" / "models" / "abc"
+  assert (linked / "precomputed" / "latents.npy").read_bytes() == b"x"
+  assert os.path.realpath(linked / "tfds") == os.path.realpath(moved / "tfds")
+  assert os.path.isdir(linked / "model" / "text_encoder")

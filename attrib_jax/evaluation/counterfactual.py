@@ -232,11 +232,13 @@ def check_base_recipe(config: ml_collections.ConfigDict, base_workdir: str) -> N
 
 
 def _link(target: str, link: str) -> None:
+  """A relative link, so a workdir that is moved or copied whole still reads its own data."""
   if os.path.lexists(link):
     if os.path.islink(link) and os.path.realpath(link) == os.path.realpath(target):
       return
     raise FileExistsError(f"{link} exists and is not a link to {target}")
-  os.symlink(os.path.abspath(target), link)
+  os.symlink(os.path.relpath(os.path.abspath(target), os.path.dirname(os.path.abspath(link))),
+             link)
 
 
 def link_shared_data(data_workdir: str, workdir: str) -> None:
