@@ -41,7 +41,6 @@ sys.path.insert(0, ROOT)
 
 from attrib_jax import generation  # pylint: disable=g-import-not-at-top,wrong-import-position
 from attrib_jax import parallel
-from attrib_jax.attribution import fisher as fisher_lib
 from attrib_jax.attribution import runner
 from attrib_jax.attribution import scores as scores_lib
 from attrib_jax.attribution import selection
@@ -79,14 +78,9 @@ def _load_arrays(workdir: str) -> dict:
 
 
 def _settings_of(result: dict) -> runner.AbUSettings:
-  stored = result["meta"]["settings"]["abu"]
-  return runner.AbUSettings(
-      fisher=fisher_lib.FisherSettings(**stored["fisher"]),
-      unlearn=unlearn_lib.UnlearnSettings(**stored["unlearn"]),
-      sweep=sweep_lib.SweepSettings(**{k: tuple(v) if isinstance(v, list) else v
-                                       for k, v in stored["sweep"].items()}),
-      preconditioner=stored.get("preconditioner", "fisher"),
-      ekfac=runner.EKFACBlock(**stored.get("ekfac", {})))
+  """The settings a stored result was computed with (results from before AbU+ get its
+  defaults: they were AbU's)."""
+  return runner.AbUSettings.from_config(result["meta"]["settings"]["abu"])
 
 
 def agreement(workdir: str, num_queries: int) -> list[dict]:
