@@ -48,7 +48,7 @@ def main(argv):
   arrays = precompute.load(os.path.join(workdir, "precomputed"))
   source = recipe.open_dataset(config, os.path.join(workdir, "tfds"))
   settings = runner.AbUSettings.from_config(config.attribution)
-  out_dir = os.path.join(workdir, runner.out_dir_name(settings))
+  out_dir, cache_dir = runner.workdir_dirs(workdir, settings)
 
   query_dirs = list(_QUERIES.value)
   if _IMAGE.value:
@@ -64,7 +64,7 @@ def main(argv):
     raise FileNotFoundError(f"No queries in {workdir}/queries: run launch.generate first")
 
   abu = runner.AbU(pipe.apply_unet, pipe.unet_params, arrays, pipe.schedule, settings, out_dir,
-                   cache_dir=os.path.join(workdir, "attribution"),
+                   cache_dir=cache_dir,
                    mesh=parallel.make_mesh(_NUM_DEVICES.value or None), log=common.log)
   images_of = lambda indices: source.get_items(np.asarray(indices))[0]
   # Pixel-space nearest neighbours, reported beside AbU (the paper's weakest real baseline).

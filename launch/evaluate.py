@@ -92,13 +92,12 @@ def _scorers(config, settings, pipe, apply_fn, arrays, source, base_fp, out_dir,
   out = {}
   for name in settings.methods:
     method_config = dict(settings.method_configs.get(name, {}))
-    if name in ("abu", "abu+"):
+    if name in runner.METHOD_PRECONDITIONER:
       abu_settings = runner.AbUSettings.from_config(config.attribution).with_preconditioner(
-          "fisher" if name == "abu" else "ekfac")
-      abu = runner.AbU(apply_fn, pipe.unet_params, arrays, pipe.schedule, abu_settings,
-                       os.path.join(_WORKDIR.value, runner.out_dir_name(abu_settings)),
-                       cache_dir=os.path.join(_WORKDIR.value, "attribution"), mesh=mesh,
-                       log=common.log)
+          runner.METHOD_PRECONDITIONER[name])
+      abu_out, abu_cache = runner.workdir_dirs(_WORKDIR.value, abu_settings)
+      abu = runner.AbU(apply_fn, pipe.unet_params, arrays, pipe.schedule, abu_settings, abu_out,
+                       cache_dir=abu_cache, mesh=mesh, log=common.log)
 
       def abu_scores(query_name, query, abu=abu):
         result = abu.score(query, query_name)

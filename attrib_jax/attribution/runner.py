@@ -32,7 +32,8 @@ from attrib_jax.attribution import sweep as sweep_lib
 from attrib_jax.attribution import unlearn as unlearn_lib
 
 
-PRECONDITIONERS = ("fisher", "ekfac")   # AbU, AbU+
+PRECONDITIONERS = ("fisher", "ekfac")
+METHOD_PRECONDITIONER = {"abu": "fisher", "abu+": "ekfac"}   # the evaluation's method names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +78,7 @@ class AbUSettings:
 
   @property
   def method(self) -> str:
-    return "abu" if self.preconditioner == "fisher" else "abu+"
+    return {v: k for k, v in METHOD_PRECONDITIONER.items()}[self.preconditioner]
 
   def ekfac_settings(self) -> ekfac_lib.EKFACSettings:
     return ekfac_lib.EKFACSettings(selection=self.unlearn.selection,
@@ -97,6 +98,12 @@ class AbUSettings:
 def out_dir_name(settings: AbUSettings) -> str:
   """Where a workdir keeps one method's results: attribution/ (AbU), attribution_plus/ (AbU+)."""
   return "attribution" if settings.preconditioner == "fisher" else "attribution_plus"
+
+
+def workdir_dirs(workdir: str, settings: AbUSettings) -> tuple[str, str]:
+  """(out_dir, cache_dir) of a training run's workdir: each method's results in its own
+  directory, the preconditioners and pre losses shared in attribution/."""
+  return (os.path.join(workdir, out_dir_name(settings)), os.path.join(workdir, "attribution"))
 
 
 class AbU:
