@@ -285,7 +285,7 @@ def test_preconditioner_zero_fisher_rules():
 
 def run_sweep(world, devices=8, per_device=1, **kwargs):
   settings = dataclasses.replace(SWEEP, items_per_device=per_device,
-                                 **{k: kwargs.pop(k) for k in ("method",) if k in kwargs})
+                                 **{k: kwargs.pop(k) for k in ("method", "timesteps") if k in kwargs})
   return sweep_lib.sweep(kwargs.pop("apply_fn", APPLY), world["params"],
                          kwargs.pop("after", world["after"]), kwargs.pop("arrays", world["arrays"]),
                          SCHEDULE, settings=settings, mesh=parallel.make_mesh(devices), **kwargs)
@@ -354,6 +354,30 @@ def test_shared_noise_gives_duplicates_equal_scores(world, base_sweep):
   assert "noise" not in SWEEP.loss_definition()  # older caches keep their keys
   with pytest.raises(ValueError, match="noise"):
     sweep_lib.SweepSettings(noise="fresh")
+
+
+def test_repeated_timesteps_are_extra_noise_draws_of_equal_total_weight(world):
+  """A timestep listed r times: r noise draws averaged, then weighted like any other timestep."""
+  draws, weights = sweep_lib.timestep_draws((0, 5, 0, 0))
+  np.testing.assert_array_equal(draws, [0, 0, 1, 2])
+  np.testing.assert_allclose(weights, [1 / 6, 1 / 2, 1 / 6, 1 / 6])
+  a, b = SWEEP.timesteps[0], SWEEP.timesteps[-1]
+  tau = lambda ts: run_sweep(world, timesteps=ts).delta
+  only_a, only_b, twice_b = tau((a,)), tau((b,)), tau((b, b))
+  # Calls of other slot counts round the float32 network differently (~3e-5 of the scale).
+  scale = np.abs(only_b).max()
+  np.testing.assert_allclose(tau((a, b)), (only_a + only_b) / 2, rtol=0, atol=2e-4 * scale)
+  np.testing.assert_allclose(tau((a, b, b)), (only_a + twice_b) / 2, rtol=0, atol=2e-4 * scale)
+  second_draw = 2 * twice_b - only_b          # τ at b from the repeat's noise alone
+  assert np.abs(second_draw - only_b).max() > 1e-2 * scale   # a fresh draw, not a copy
+  # Draw 0 keeps the key of settings without repeats (cached pre losses stay valid).
+  key = jax.random.key(SWEEP.seed)
+  for value in (7, 1, 0, b):
+    key = jax.random.fold_in(key, value)
+  np.testing.assert_array_equal(sweep_lib.slot_noise(SWEEP.seed, 7, 1, 0, b, LATENT),
+                                jax.random.normal(key, LATENT, jnp.float32))
+  assert not np.allclose(sweep_lib.slot_noise(SWEEP.seed, 7, 1, 0, b, LATENT, 1),
+                         sweep_lib.slot_noise(SWEEP.seed, 7, 1, 0, b, LATENT, 0))
 
 
 def test_sweep_resumes_after_interruption(world, base_sweep, tmp_path):
