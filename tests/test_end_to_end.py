@@ -46,6 +46,12 @@ def test_smoke_main_job(tmp_path):
   summary = json.load(open(os.path.join(workdir, "attribution", "summary.json")))
   assert summary["summary"]["num_queries"] == len(queries) - 1
   assert set(summary["summary"]["mean_recall@10"]) == {"abu", "pixel"}
+  # Other sweep settings: the shared pre losses cannot serve, so they are recomputed (not an
+  # error asking the user to delete a file), and so are the results.
+  log = _run("launch.attribute", workdir, "--config.attribution.preconditioner=fisher",
+             "--config.attribution.sweep.timesteps=(0, 400, 800, 800)")
+  assert "holds other settings; recomputing" in log and "pre losses:" in log, log
+  assert "used other AbU settings" in log, log
   # The trained UNet is a diffusers-format directory.
   pipe = pipeline.load_pipeline(os.path.join(workdir, "model"))
   assert pipe.pixel_patch == 2 and pipe.latent_shape == (8, 8, 12)

@@ -184,13 +184,21 @@ class AbU:
     if self._pre is None:
       path = os.path.join(self.cache_dir, "pre_losses.npz")
       key = sweep_lib.cache_key(self.model_fingerprint, self.settings.sweep, self.schedule)
+      if os.path.exists(path) and sweep_lib.cached_key(path) != key:
+        # Other sweep settings (e.g. timesteps) or another model: these losses cannot serve.
+        self.log(f"pre losses: {path} holds other settings; recomputing")
+        os.remove(path)
       if not os.path.exists(path):
+        # Named by the key: a partial pass of other settings is never taken for this one.
+        partial = os.path.join(self.cache_dir, f"pre_partial_{key[:16]}.npz")
         t0 = time.time()
         result = sweep_lib.compute_pre_losses(
             self.apply_fn, self.params, self.arrays, self.schedule,
             settings=self.settings.sweep, mesh=self.mesh, progress=self._progress,
-            checkpoint_path=os.path.join(self.cache_dir, "pre_partial.npz"))
+            checkpoint_path=partial)
         sweep_lib.save_pre_cache(path, key, result)
+        if os.path.exists(partial):
+          os.remove(partial)
         self.log(f"pre losses: {len(self.index)} items in {time.time() - t0:.0f}s")
       self._pre = sweep_lib.load_pre_cache(path, key, self.index)
     return self._pre

@@ -199,6 +199,12 @@ def save_pre_cache(path: str, key: str, result: SweepResult) -> None:
                           slot_pre=result.slot_pre)
 
 
+def cached_key(path: str) -> str:
+  """The key a pre-loss cache was stored under."""
+  with np.load(path) as data:
+    return str(data["key"])
+
+
 def load_pre_cache(path: str, key: str, index: np.ndarray) -> np.ndarray:
   """The cached slot losses [n, F, K, T] of the dataset indices `index` (any subset, order)."""
   with np.load(path) as data:
