@@ -78,7 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The guidance the evaluation's table was measured with (configs/tiny.py moved to 2.0 later,
   # for its own model).
   c.generate.guidance_scale = 3.0
-  c.generate.queries_per_rare_concept = 1 if smoke else 2
+  c.generate.queries_per_rare_concept = 1 if smoke else 4
   c.generate.num_common_queries = 1 if smoke else 0
 
   # AbU and AbU+: configs/tiny.py's settings (launch.attribute runs its default, AbU+). On 256
@@ -96,5 +96,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       ks=(2, 3) if smoke else (6, 12), k_fractions=(), random_draws=3, random_seed=0,
       loss=dict(timestep_stride=5, num_draws=1, seed=0, batch_size=100),
       regenerate=True, queries=(),
-      lds=dict(num_subsets=3 if smoke else 5, fraction=0.5, subset_seed=0)))
+      lds=dict(num_subsets=3 if smoke else 5, fraction=0.5, subset_seed=0),
+      retrain_workers=-1))   # one single-core retraining process per core (retrain_pool.py)
   return c

@@ -31,7 +31,11 @@ optional; unknown keys are errors):
       lds=dict(num_subsets=8, fraction=0.5, subset_seed=0, train_seeds=()),  # num_subsets=0:
                                 # no LDS; train_seeds=() -> the config's seed only
       queries=(),               # query names under workdir/queries; () -> all
-      keep_train_checkpoints=False)
+      keep_train_checkpoints=False,
+      retrain_workers=-1)       # retrainings in N processes of one CPU core each, in parallel
+                                # (attrib_jax/evaluation/retrain_pool.py); -1: one per core on
+                                # CPU, 0 on accelerators; 0: in this process. Their models are
+                                # cached apart from in-process ones (other last bits).
 AbU ("abu", the diagonal Fisher) and AbU+ ("abu+", EK-FAC) use `config.attribution` (as
 launch.attribute) with that preconditioner, whatever the config's own choice.
 
@@ -59,6 +63,7 @@ from attrib_jax.attribution import scores as scores_lib
 from attrib_jax.data import precompute
 from attrib_jax.evaluation import counterfactual as cf
 from attrib_jax.evaluation import eval_report
+from attrib_jax.evaluation import retrain_pool
 from attrib_jax.models import pipeline as pipeline_lib
 from attrib_jax.training import recipe
 from launch import common
@@ -148,6 +153,8 @@ def main(argv):
     raise FileNotFoundError(f"No queries in {workdir}/queries: run launch.generate first")
 
   caches = {}
+  workers = (retrain_pool.default_num_workers() if settings.retrain_workers < 0
+             else settings.retrain_workers)
 
   def make_cache(seed):
     seed = config.seed if seed is None else int(seed)
@@ -156,11 +163,15 @@ def main(argv):
       seeded.seed = seed
       data_dir = workdir if seed == config.seed else cf.prepare_data_workdir(
           seeded, workdir, os.path.join(out_dir, f"data-seed{seed}"), log=common.log)
+      pool = retrain_pool.RetrainPool(
+          seeded, data_dir, num_workers=workers, keep_checkpoints=settings.keep_train_checkpoints,
+          compilation_cache=cache_dir or None) if workers else None
       caches[seed] = cf.ModelCache(
-          os.path.join(out_dir, "models"), cf.recipe_fingerprint(seeded),
+          os.path.join(out_dir, "models"), cf.recipe_fingerprint(seeded, one_core=bool(workers)),
           cf.recipe_train_fn(seeded, data_dir, keep_checkpoints=settings.keep_train_checkpoints,
                              log=common.log),
-          base_params=pipe.unet_params if seed == config.seed else None, log=common.log)
+          base_params=pipe.unet_params if seed == config.seed else None, pool=pool,
+          log=common.log)
     return caches[seed]
 
   regenerate = feature_fn = None

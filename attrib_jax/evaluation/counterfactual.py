@@ -130,16 +130,18 @@ class ModelCache:
 
   `params(excluded)` returns θ0 (`base_params`) for an empty set, else calls
   `train_fn(excluded, workdir)` (which reuses a finished model there) and keeps the last
-  `keep_in_memory` parameter trees. `trained` lists the keys `train_fn` was called for;
+  `keep_in_memory` parameter trees. With a `pool` (`retrain_pool.RetrainPool`), `prefetch`
+  trains many models at once in its worker processes, and `params` only loads them. `trained` lists the keys `train_fn` was called for;
   `timings` has, per trained model, its wall seconds and its share of JAX compilation
   (`JitClock`), so a run's log and summary say what a retraining costs.
   """
 
   def __init__(self, root: str, recipe_fingerprint: str, train_fn: TrainFn, *,
-               base_params: Any = None, keep_in_memory: int = 2,
+               base_params: Any = None, keep_in_memory: int = 2, pool: Any = None,
                log: Callable[[str], None] = print):
     self.root, self.recipe_fingerprint, self.train_fn = root, recipe_fingerprint, train_fn
     self.base_params, self.keep, self.log = base_params, keep_in_memory, log
+    self.pool = pool   # a `retrain_pool.RetrainPool` for `prefetch`, or None
     self._memory: collections.OrderedDict[str, Any] = collections.OrderedDict()
     self.trained: list[str] = []
     self.timings: list[dict[str, float]] = []
@@ -150,6 +152,46 @@ class ModelCache:
   def workdir(self, excluded: Iterable[int]) -> str:
     return os.path.join(self.root, self.key(excluded))
 
+  def _new_workdir(self, excluded: np.ndarray) -> str:
+    workdir = os.path.join(self.root, self.key(excluded))
+    os.makedirs(workdir, exist_ok=True)
+    scores_lib.atomic_write_json(os.path.join(workdir, "excluded.json"), {
+        "recipe": self.recipe_fingerprint, "num_excluded": int(excluded.size),
+        "excluded": excluded.tolist()})
+    return workdir
+
+  def prefetch(self, excluded_sets: Iterable[Iterable[int]]) -> None:
+    """Trains, with the pool, every model of `excluded_sets` not yet on disk (no pool: nothing
+    happens here and `params` trains each model when it is first asked for)."""
+    if self.pool is None:
+      return
+    jobs = {}
+    for excluded in excluded_sets:
+      excluded = np.asarray(sorted(int(i) for i in excluded), np.int64)
+      key = self.key(excluded)
+      if excluded.size and key not in jobs and not os.path.exists(
+          os.path.join(self.root, key, "model", "DONE.json")):
+        jobs[key] = excluded
+    if not jobs:
+      return
+    keys = list(jobs)
+    self.log(f"models: training {len(keys)} models in {min(self.pool.num_workers, len(keys))} "
+             "worker processes")
+    t0 = time.time()
+
+    finished = []
+
+    def done(n: int, timing: dict[str, float]) -> None:
+      finished.append(n)
+      self.trained.append(keys[n])
+      self.timings.append({k: v for k, v in timing.items() if k != "worker"})
+      self.log(f"models: {keys[n]} ({jobs[keys[n]].size} excluded) ready in "
+               f"{timing['seconds']:.1f}s on worker {timing['worker']} "
+               f"({JitClock.describe(timing)}); {len(finished)}/{len(keys)} in "
+               f"{time.time() - t0:.0f}s")
+
+    self.pool.train([(jobs[k], self._new_workdir(jobs[k])) for k in keys], on_done=done)
+
   def params(self, excluded: Iterable[int]) -> Any:
     excluded = np.asarray(sorted(int(i) for i in excluded), np.int64)
     if excluded.size == 0 and self.base_params is not None:
@@ -158,18 +200,20 @@ class ModelCache:
     if key in self._memory:
       self._memory.move_to_end(key)
       return self._memory[key]
-    workdir = os.path.join(self.root, key)
-    os.makedirs(workdir, exist_ok=True)
-    scores_lib.atomic_write_json(os.path.join(workdir, "excluded.json"), {
-        "recipe": self.recipe_fingerprint, "num_excluded": int(excluded.size),
-        "excluded": excluded.tolist()})
-    t0, jit0 = time.time(), jit_clock().snapshot()
-    params = self.train_fn(excluded, workdir)
-    jit = JitClock.delta(jit0, jit_clock().snapshot())
-    self.trained.append(key)
-    self.timings.append(dict(jit, seconds=time.time() - t0))
-    self.log(f"models: {key} ({excluded.size} excluded) ready in {time.time() - t0:.1f}s "
-             f"({JitClock.describe(jit)})")
+    if self.pool is not None:
+      # A pool's model must come from the pool (see `retrain_pool` on numerics); `train_fn`
+      # then only loads it.
+      self.prefetch([excluded])
+      params = self.train_fn(excluded, self._new_workdir(excluded))
+    else:
+      workdir = self._new_workdir(excluded)
+      t0, jit0 = time.time(), jit_clock().snapshot()
+      params = self.train_fn(excluded, workdir)
+      jit = JitClock.delta(jit0, jit_clock().snapshot())
+      self.trained.append(key)
+      self.timings.append(dict(jit, seconds=time.time() - t0))
+      self.log(f"models: {key} ({excluded.size} excluded) ready in {time.time() - t0:.1f}s "
+               f"({JitClock.describe(jit)})")
     self._memory[key] = params
     while len(self._memory) > max(self.keep, 1):
       self._memory.popitem(last=False)
@@ -195,7 +239,12 @@ def training_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   return out
 
 
-def recipe_fingerprint(config: ml_collections.ConfigDict) -> str:
+def recipe_fingerprint(config: ml_collections.ConfigDict, *, one_core: bool = False) -> str:
+  """What a retrained model depends on: the recipe and, with `one_core`, that it was trained
+  single-threaded (`retrain_pool`), which changes the weights' last bits."""
+  if one_core:
+    return recipe.fingerprint({"recipe": training_config(config).to_dict(),
+                               "execution": "one core"})
   return recipe.fingerprint(training_config(config).to_dict())
 
 

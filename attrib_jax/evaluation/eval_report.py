@@ -58,6 +58,9 @@ class EvalSettings:
   lds_train_seeds: tuple[int, ...] = ()         # () -> (config.seed,)
   queries: tuple[str, ...] = ()                 # () -> every query of the workdir
   keep_train_checkpoints: bool = False
+  # Retrainings run in this many worker processes of one CPU core each (`retrain_pool`);
+  # -1: one per usable core when JAX runs on the CPU, else 0; 0: in this process.
+  retrain_workers: int = -1
 
   @classmethod
   def from_config(cls, block: Mapping[str, Any] | None) -> "EvalSettings":
@@ -176,20 +179,27 @@ def evaluate(*, out_dir: str, queries: Mapping[str, Query], index: np.ndarray,
   cells = cf.make_cells(rankings, names, ks, index=index, random_draws=draws,
                         random_seed=settings.random_seed)
   cache = make_cache(None)
+  lds_seeds = (settings.lds_train_seeds or (None,)) if settings.lds is not None else ()
+  by_seed = {None: cache}
+  for s in lds_seeds:
+    if s not in by_seed:
+      by_seed[s] = make_cache(s)
+  # Every model this run needs, trained up front (in parallel when the caches have a pool).
+  lds_excluded = ([np.setdiff1d(index, keep) for keep in lds_lib.subsets(index, settings.lds)]
+                  if settings.lds is not None else [])
+  for s, seed_cache in by_seed.items():
+    seed_cache.prefetch(([c.excluded for c in cells] if s is None else [])
+                        + (lds_excluded if s in lds_seeds else []))
   rows = cf.run_counterfactual(
       cells, queries, cache=cache, base_params=base_params, base_fingerprint=base_fingerprint,
       apply_fn=apply_fn, schedule=schedule, store=cf.ResultStore(os.path.join(out_dir, "cells")),
       loss=settings.loss, regenerate=regenerate, feature_fn=feature_fn, log=log)
   drift = _theta0_drift(queries, base_params, base_fingerprint, regenerate, out_dir)
 
-  lds_result, by_seed = None, {None: cache}
+  lds_result = None
   if settings.lds is not None:
-    seeds = settings.lds_train_seeds or (None,)
-    for s in seeds:
-      if s not in by_seed:
-        by_seed[s] = make_cache(s)
     lds_result = lds_lib.run_lds(
-        index, queries, scores, [by_seed[s] for s in seeds], settings=settings.lds,
+        index, queries, scores, [by_seed[s] for s in lds_seeds], settings=settings.lds,
         apply_fn=apply_fn, schedule=schedule,
         store=cf.ResultStore(os.path.join(out_dir, "lds_cells")),
         base_fingerprint=base_fingerprint, loss=settings.loss, log=log)
