@@ -131,9 +131,10 @@ class ModelCache:
   `params(excluded)` returns θ0 (`base_params`) for an empty set, else calls
   `train_fn(excluded, workdir)` (which reuses a finished model there) and keeps the last
   `keep_in_memory` parameter trees. With a `pool` (`retrain_pool.RetrainPool`), `prefetch`
-  trains many models at once in its worker processes, and `params` only loads them. `trained` lists the keys `train_fn` was called for;
-  `timings` has, per trained model, its wall seconds and its share of JAX compilation
-  (`JitClock`), so a run's log and summary say what a retraining costs.
+  trains many models at once in its worker processes, and `params` only loads them.
+  `trained` lists the keys of the models trained; `timings` has, per trained model, its wall
+  seconds and its share of JAX compilation (`JitClock`), so a run's log and summary say what a
+  retraining costs.
   """
 
   def __init__(self, root: str, recipe_fingerprint: str, train_fn: TrainFn, *,
@@ -177,9 +178,7 @@ class ModelCache:
     keys = list(jobs)
     self.log(f"models: training {len(keys)} models in {min(self.pool.num_workers, len(keys))} "
              "worker processes")
-    t0 = time.time()
-
-    finished = []
+    t0, finished = time.time(), []
 
     def done(n: int, timing: dict[str, float]) -> None:
       finished.append(n)

@@ -20,8 +20,10 @@ On accelerators there is nothing to gain: `default_num_workers` is 0 there (trai
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from typing import Any, Callable, Sequence
@@ -45,8 +47,18 @@ def default_num_workers() -> int:
   return len(usable_cores()) if jax.default_backend() == "cpu" else 0
 
 
+def _die_with_parent() -> None:
+  """A worker must not outlive the evaluation (killed, it would go on training queued jobs)."""
+  if sys.platform.startswith("linux"):
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG: SIGTERM when the parent exits
+  if os.getppid() == 1:             # the parent died before that took effect
+    os._exit(1)
+
+
 def _start_worker(config: ml_collections.ConfigDict, data_workdir: str, keep_checkpoints: bool,
                   compilation_cache: str | None, counter, cores: Sequence[int]) -> None:
+  _die_with_parent()
   with counter.get_lock():
     number = counter.value
     counter.value += 1
