@@ -22,10 +22,6 @@ Both are saved in the model directory like any Stable Diffusion pipeline's.
 import ml_collections
 
 
-# The sweep's timesteps with the noisy end repeated (see the sweep block below).
-NEYMAN_TIMESTEPS = (tuple(range(0, 700, 100)) + (700,) * 2 + (800,) * 3 + (900,) * 8)
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "default"
   if variant not in ("default", "smoke"):
@@ -114,7 +110,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Attribution by Unlearning (attrib_jax/attribution). The MSCOCO settings of SPEC §2 scaled
   # to a 1,000-item world: α, one step and the cross-attention K/V selection are the paper's;
-  # fewer Fisher epochs, draws and timesteps keep a query to about 35 s on 2 cores.
+  # fewer Fisher epochs, draws and timesteps keep a query to about 20 s on 2 cores.
   # AbU+ (EK-FAC) by default: on the 10 rare-concept queries of runs/tiny_r10 it reached
   # Recall@10 0.34 at SPEC's damping (0.1 x mean Λ, 1 epoch of factors), 0.45 at 0.01, 0.49 at
   # 0.001; with 4 / 8 factor epochs 0.60 / 0.61 at 0.001, and 8 epochs 0.66 at 1e-4, 0.68 at
@@ -129,13 +125,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       unlearn=dict(alpha=0.01, num_steps=1, num_draws=160 if smoke else 2000,
                    draws_per_batch=80, micro_batch=80, seed=0, selection="cross-attn-kv"),
       # Flips are off in training (captions name positions), so only the unflipped view.
-      # Timesteps 0, 100, ..., 900, the noisy end drawn more often (a repeat is another noise
-      # draw; every timestep still weighs 1/10 in τ: attribution/sweep.py). The noise of a
-      # slot's change grows ~3,000x from t = 0 to 900; draws in proportion to it (8 at 900, 3
-      # at 800, 2 at 700) cost 2x one draw each and took the seed-to-seed Spearman of τ on the
-      # 10 queries of runs/tiny_r10 from 0.61 to 0.82 and Recall@10 from 0.66 / 0.62 (sweep
-      # seeds 0 / 1) to 0.70 / 0.71, and on 20 held-out queries from 0.57 to 0.65.
-      sweep=dict(timesteps=((0, 200, 400, 600, 800, 800) if smoke else NEYMAN_TIMESTEPS),
+      # Timesteps 0, 100, ..., 900, one noise draw each; τ weighs each as training weighed its
+      # loss (Min-SNR-5 on the x0 target: min(SNR, 5), attribution/sweep.py), so τ is the rise
+      # of the loss this model was trained on. Measured with AbU+ on the 10 queries of
+      # runs/tiny_r10: Recall@10 0.66 with every timestep weighing the same, 0.79 with the
+      # training's weights (rare_star_0: 0.0 -> 0.6); on 20 held-out queries 0.57 -> 0.77.
+      # With these weights the noisy end (whose noise grows ~3,000x from t = 0 to 900) weighs
+      # 0.02-0.25 against 5 at t <= 200, so one draw per timestep does; the uniform weighting
+      # needed 8 / 3 / 2 draws at t = 900 / 800 / 700 (twice the cost) to reach 0.70. AbU with
+      # the diagonal Fisher does worse with it: 0.16, against 0.29 with those repeated draws.
+      sweep=dict(timesteps=((0, 200, 400, 600, 800, 800) if smoke else
+                            tuple(range(0, 1000, 100))),
+                 min_snr_gamma=c.train.min_snr_gamma or None,
                  num_captions=3,
                  flips=(0,), seed=0, method="cached", items_per_device=8, noise="per_item")))
   c.attribution_top_k = 10

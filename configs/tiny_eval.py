@@ -84,9 +84,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # items a query takes ~8 s (unlearn 3 s, sweep 5 s) after the factors and the pre losses
   # (once); the evaluation reuses those results and computes the other method's itself.
 
-  # The sweep of the evaluation's table: one draw per timestep (configs/tiny.py later moved
-  # its own model to repeated draws at the noisy end).
+  # The sweep of the evaluation's table: one draw per timestep, uniform weights (configs/tiny.py
+  # later moved its own model to the training's Min-SNR weights).
   c.attribution.sweep.timesteps = tuple(range(0, 1000, 200 if smoke else 100))
+  c.attribution.sweep.min_snr_gamma = None   # and every timestep weighing the same
 
   # launch/evaluate.py's block (see its docstring for every key).
   c.evaluation = ml_collections.ConfigDict(dict(

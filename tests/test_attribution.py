@@ -380,6 +380,29 @@ def test_repeated_timesteps_are_extra_noise_draws_of_equal_total_weight(world):
                          sweep_lib.slot_noise(SWEEP.seed, 7, 1, 0, b, LATENT, 0))
 
 
+def test_min_snr_weighting_weighs_each_timestep_by_its_training_loss_weight(world):
+  """τ with `min_snr_gamma` = the single-timestep τs combined with weights ∝ min(SNR, γ)
+  (in units of the schedule's target), normalised; without it, the plain mean."""
+  a, b = SWEEP.timesteps[0], SWEEP.timesteps[-1]
+  gamma = 2.0
+  ab = np.asarray(SCHEDULE.alphas_cumprod, np.float64)[[a, b]]
+  snr = ab / (1 - ab)
+  w = np.minimum(snr, gamma) / snr          # ε-prediction: min(SNR, γ) / SNR (trainer docs)
+  weighted = dataclasses.replace(SWEEP, timesteps=(a, b), min_snr_gamma=gamma)
+  np.testing.assert_allclose(sweep_lib.timestep_weights(weighted, SCHEDULE), w / w.sum())
+  assert sweep_lib.timestep_weights(dataclasses.replace(weighted, min_snr_gamma=None),
+                                    SCHEDULE).tolist() == [0.5, 0.5]
+  only = {t: run_sweep(world, timesteps=(t,)).delta for t in (a, b)}
+  got = sweep_lib.sweep(APPLY, world["params"], world["after"], world["arrays"], SCHEDULE,
+                        settings=dataclasses.replace(weighted, items_per_device=1),
+                        mesh=parallel.make_mesh(8)).delta
+  scale = np.abs(only[b]).max()
+  np.testing.assert_allclose(got, (w[0] * only[a] + w[1] * only[b]) / w.sum(), rtol=0,
+                             atol=2e-4 * scale)
+  with pytest.raises(ValueError, match="min_snr_gamma"):
+    sweep_lib.SweepSettings(min_snr_gamma=0.0)
+
+
 def test_sweep_resumes_after_interruption(world, base_sweep, tmp_path):
   path = str(tmp_path / "sweep_ckpt.npz")
   seen = []
