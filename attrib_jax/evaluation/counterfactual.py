@@ -125,6 +125,14 @@ def jit_clock() -> JitClock:
   return clock
 
 
+def timed_train(train_fn: TrainFn, excluded: np.ndarray, workdir: str) -> tuple[Any, dict]:
+  """`train_fn(excluded, workdir)` and what it cost: wall seconds and the JAX compile share
+  (`JitClock.delta`'s fields)."""
+  t0, jit0 = time.time(), jit_clock().snapshot()
+  params = train_fn(excluded, workdir)
+  return params, dict(JitClock.delta(jit0, jit_clock().snapshot()), seconds=time.time() - t0)
+
+
 class ModelCache:
   """Models retrained without a set of items, one workdir per (excluded set, recipe).
 
@@ -154,7 +162,7 @@ class ModelCache:
     return os.path.join(self.root, self.key(excluded))
 
   def _new_workdir(self, excluded: np.ndarray) -> str:
-    workdir = os.path.join(self.root, self.key(excluded))
+    workdir = self.workdir(excluded)
     os.makedirs(workdir, exist_ok=True)
     scores_lib.atomic_write_json(os.path.join(workdir, "excluded.json"), {
         "recipe": self.recipe_fingerprint, "num_excluded": int(excluded.size),
@@ -171,7 +179,7 @@ class ModelCache:
       excluded = np.asarray(sorted(int(i) for i in excluded), np.int64)
       key = self.key(excluded)
       if excluded.size and key not in jobs and not os.path.exists(
-          os.path.join(self.root, key, "model", "DONE.json")):
+          os.path.join(self.workdir(excluded), "model", "DONE.json")):
         jobs[key] = excluded
     if not jobs:
       return
@@ -203,16 +211,13 @@ class ModelCache:
       # A pool's model must come from the pool (see `retrain_pool` on numerics); `train_fn`
       # then only loads it.
       self.prefetch([excluded])
-      params = self.train_fn(excluded, self._new_workdir(excluded))
+      params = self.train_fn(excluded, self.workdir(excluded))
     else:
-      workdir = self._new_workdir(excluded)
-      t0, jit0 = time.time(), jit_clock().snapshot()
-      params = self.train_fn(excluded, workdir)
-      jit = JitClock.delta(jit0, jit_clock().snapshot())
+      params, timing = timed_train(self.train_fn, excluded, self._new_workdir(excluded))
       self.trained.append(key)
-      self.timings.append(dict(jit, seconds=time.time() - t0))
-      self.log(f"models: {key} ({excluded.size} excluded) ready in {time.time() - t0:.1f}s "
-               f"({JitClock.describe(jit)})")
+      self.timings.append(timing)
+      self.log(f"models: {key} ({excluded.size} excluded) ready in {timing['seconds']:.1f}s "
+               f"({JitClock.describe(timing)})")
     self._memory[key] = params
     while len(self._memory) > max(self.keep, 1):
       self._memory.popitem(last=False)

@@ -25,7 +25,6 @@ import multiprocessing
 import os
 import signal
 import sys
-import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -47,18 +46,19 @@ def default_num_workers() -> int:
   return len(usable_cores()) if jax.default_backend() == "cpu" else 0
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent_pid: int) -> None:
   """A worker must not outlive the evaluation (killed, it would go on training queued jobs)."""
   if sys.platform.startswith("linux"):
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG: SIGTERM when the parent exits
-  if os.getppid() == 1:             # the parent died before that took effect
+  if os.getppid() != parent_pid:    # the parent died before that took effect
     os._exit(1)
 
 
 def _start_worker(config: ml_collections.ConfigDict, data_workdir: str, keep_checkpoints: bool,
-                  compilation_cache: str | None, counter, cores: Sequence[int]) -> None:
-  _die_with_parent()
+                  compilation_cache: str | None, counter, cores: Sequence[int],
+                  parent_pid: int) -> None:
+  _die_with_parent(parent_pid)
   with counter.get_lock():
     number = counter.value
     counter.value += 1
@@ -78,15 +78,13 @@ def _start_worker(config: ml_collections.ConfigDict, data_workdir: str, keep_che
   def log(line: str) -> None:
     print(f"[retrain worker {number}] {line}", file=sys.stderr, flush=True)
 
-  _WORKER.update(number=number, log=log, train=cf.recipe_train_fn(
+  _WORKER.update(number=number, train=cf.recipe_train_fn(
       config, data_workdir, keep_checkpoints=keep_checkpoints, log=log))
 
 
 def _train_job(excluded: list[int], workdir: str) -> dict[str, float]:
   from attrib_jax.evaluation import counterfactual as cf  # pylint: disable=g-import-not-at-top
-  t0, jit0 = time.time(), cf.jit_clock().snapshot()
-  _WORKER["train"](np.asarray(excluded, np.int64), workdir)
-  timing = dict(cf.JitClock.delta(jit0, cf.jit_clock().snapshot()), seconds=time.time() - t0)
+  _, timing = cf.timed_train(_WORKER["train"], np.asarray(excluded, np.int64), workdir)
   return dict(timing, worker=_WORKER["number"])
 
 
@@ -121,7 +119,7 @@ class RetrainPool:
         max_workers=min(self.num_workers, len(jobs)), mp_context=context,
         initializer=_start_worker,
         initargs=(self.config, self.data_workdir, self.keep_checkpoints,
-                  self.compilation_cache, counter, usable_cores())) as executor:
+                  self.compilation_cache, counter, usable_cores(), os.getpid())) as executor:
       futures = {executor.submit(_train_job, [int(i) for i in excluded], workdir): n
                  for n, (excluded, workdir) in enumerate(jobs)}
       try:
