@@ -15,20 +15,29 @@ run exactly the same number of UNet forwards and backwards (printed). It gets th
 ours derives inside its programs (`unlearn.query_draws`, `sweep.slot_noise`), materialised
 beforehand and not timed, so both compute the same numbers: the scores must agree (Spearman).
 
-Both run in this process on this CPU (torch with os.cpu_count() threads; ours with XLA's default
-thread pool). Per repeat the sides alternate (ours unlearn, torch unlearn, ours sweep, torch
-sweep), so load from other processes hits both alike; reported are the median and best of the
-repeats after a warm-up. Ours' first calls include compilation, reported separately.
+Both run in this process: ours on JAX's default backend, torch on --torch_device, by default
+this CPU (torch with os.cpu_count() threads; ours with XLA's default thread pool). With
+--torch_device cuda the torch models, the Fisher and every input live on the GPU (moved there
+before timing), each timed torch call ends with torch.cuda.synchronize(), and torch runs its
+float32 matmuls and convolutions at the precision ours runs them on a GPU: TF32 in the
+unlearning step (JAX's default precision), full float32 in the sweep ("highest", see
+sweep.py). Ours' timed calls block on their results. Per repeat the sides alternate (ours
+unlearn, torch unlearn, ours sweep, torch sweep), so load from other processes hits both
+alike; reported are the median and best of the repeats after a warm-up. Ours' first calls
+include compilation, reported separately.
 
 Configs: `tiny` = configs/tiny.py's UNet (8x8x48 through the pixel codec, cross-attention 64, text states
 16x64), `mscoco` = configs/mscoco.py's UNet (SPEC §1, 57.4M parameters; 16x16x4, text 77x1024)
 over a few hundred items; random latents and text states; settings scaled to minutes on 2 cores.
 Finally the sweep's throughput on 1, 2, 4, 8 fake CPU devices (subprocesses of this script with
-XLA_FLAGS=--xla_force_host_platform_device_count=8 and --devices N).
+XLA_FLAGS=--xla_force_host_platform_device_count=8 and --devices N); skipped with --no_devices
+(alias --no_device_table) and whenever JAX's default backend is not the CPU.
 
   python benchmarks/abu_query.py                     # both configs + the device table
   python benchmarks/abu_query.py --quick             # small sizes, 1-2 repeats
   python benchmarks/abu_query.py --config mscoco --items 300 --draws 64 --timesteps 2
+  python benchmarks/abu_query.py --config mscoco --torch_device cuda --items 1024 --draws 640 \
+      --micro_batch 64 --items_per_forward 32 --items_per_device 64 --timesteps 2   # a GPU
 """
 from __future__ import annotations
 
@@ -206,18 +215,19 @@ class TorchAbU:
   """The same unlearning step and paired loss sweep on diffusers' PyTorch UNet (NCHW).
 
   `before` holds θ0 and is the model the gradient flows through (only the selected weights
-  require grad); `after` is a copy whose selected weights the step overwrites with θ'.
+  require grad); `after` is a copy whose selected weights the step overwrites with θ'. Both,
+  the Fisher and alphas_cumprod live on `device`; inputs go there through `put`.
   """
 
-  def __init__(self, b: Bench, world: World):
+  def __init__(self, b: Bench, world: World, device: str = "cpu"):
     import torch  # pylint: disable=g-import-not-at-top
     from diffusers import UNet2DConditionModel  # pylint: disable=g-import-not-at-top
-    self.torch, self.b = torch, b
+    self.torch, self.b, self.device = torch, b, torch.device(device)
     state = weights.to_torch_state_dict(jax.device_get(world.params))
     self.before = UNet2DConditionModel(**b.unet_config)
     self.before.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.items()},
                                 strict=True)
-    self.before.eval()
+    self.before.to(self.device).eval()
     # The selection (attn2 to_k / to_v) under torch keys.
     self.paths = {weights.torch_key(p): p for p in traverse_util.flatten_dict(
         world.params) if selection.SELECTIONS[selection.DEFAULT](p)}
@@ -225,9 +235,25 @@ class TorchAbU:
     for name, p in self.before.named_parameters():
       p.requires_grad_(name in self.paths)
     self.after = copy.deepcopy(self.before).requires_grad_(False)
-    self.alphas_cumprod = torch.from_numpy(np.array(world.schedule.alphas_cumprod))
+    self.alphas_cumprod = self.put(np.array(world.schedule.alphas_cumprod))
     self.prediction_type = world.schedule.prediction_type
     self.fisher = None
+
+  def put(self, x):
+    """A numpy array (shared, not copied, on the CPU) or a tensor, on this side's device."""
+    return (self.torch.from_numpy(x) if isinstance(x, np.ndarray) else x).to(self.device)
+
+  def _sync(self) -> None:
+    """Ends a timed call: CUDA kernels run asynchronously, so wait for them."""
+    if self.device.type == "cuda":
+      self.torch.cuda.synchronize(self.device)
+
+  def _tf32(self, allow: bool) -> None:
+    """On a GPU, float32 matmuls and convolutions as ours runs them: TF32 allowed in the
+    unlearning step (JAX's default precision), not in the sweep ("highest"). CPU: no effect."""
+    if self.device.type == "cuda":
+      self.torch.backends.cuda.matmul.allow_tf32 = allow
+      self.torch.backends.cudnn.allow_tf32 = allow
 
   def _target(self, x0, noise, t):
     """What the network is trained to predict (the schedule's prediction_type), as ours."""
@@ -249,25 +275,27 @@ class TorchAbU:
     total = [torch.zeros_like(p, dtype=torch.float64) for p in selected]
     examples = [(i, f) for i in range(num_items) for f in range(2)]
     for i, f in examples:
-      x0 = torch.from_numpy(np.ascontiguousarray(np.moveaxis(arrays["latents"][i, f], -1, 0)))
-      text = torch.from_numpy(arrays["text_states"][i, rng.integers(arrays["num_captions"][i])])
-      t = torch.tensor([int(rng.integers(len(self.alphas_cumprod)))])
-      noise = torch.from_numpy(rng.standard_normal((1,) + tuple(x0.shape), np.float32))
+      x0 = self.put(np.ascontiguousarray(np.moveaxis(arrays["latents"][i, f], -1, 0)))
+      text = self.put(arrays["text_states"][i, rng.integers(arrays["num_captions"][i])])
+      t = self.put(torch.tensor([int(rng.integers(len(self.alphas_cumprod)))]))
+      noise = self.put(rng.standard_normal((1,) + tuple(x0.shape), np.float32))
       a, s = self._coefficients(t)
       eps = self.before(a * x0 + s * noise, t, text[None]).sample
       target = self._target(x0[None], noise, t)
       for acc, g in zip(total, torch.autograd.grad((eps - target).square().mean(), selected)):
         acc.add_(g.double().square())
     self.fisher = {k: v / len(examples) for k, v in zip(self.keys, total)}
-    return {self.paths[k]: v.numpy().T for k, v in self.fisher.items()}  # Linear (out, in)
+    return {self.paths[k]: v.cpu().numpy().T for k, v in self.fisher.items()}  # Linear (out, in)
 
   def _coefficients(self, t):
     a = self.alphas_cumprod[t]
     return a.sqrt().view(-1, 1, 1, 1), (1.0 - a).sqrt().view(-1, 1, 1, 1)
 
   def unlearn(self, x0, text, t, noise) -> dict:
-    """θ' of the selected weights. x0 [C,H,W], text [L,D], t [D], noise [D,C,H,W]."""
+    """θ' of the selected weights (on the device). x0 [C,H,W], text [L,D], t [D], noise
+    [D,C,H,W], all on the device."""
     torch = self.torch
+    self._tf32(True)
     params = dict(self.before.named_parameters())
     selected = [params[k] for k in self.keys]
     # (α/N)/F in float64, zero entries raised to the smallest positive F ("min_positive").
@@ -290,16 +318,19 @@ class TorchAbU:
       for k, p, c, g in zip(self.keys, selected, scale, total):
         new[k] = p + c * (g / num_draws)
         after[k].copy_(new[k])
+    self._sync()
     return new
 
   def sweep(self, latents, text, noise) -> tuple[np.ndarray, np.ndarray]:
-    """(pre, delta) [n, F] float64. latents [n,F,C,H,W], text [n,K,L,D], noise [n,F,K,T,C,H,W]."""
+    """(pre, delta) [n, F] float64 numpy. latents [n,F,C,H,W], text [n,K,L,D], noise
+    [n,F,K,T,C,H,W], all on the device."""
     torch, b = self.torch, self.b
+    self._tf32(False)
     n, num_f, num_k, num_t = noise.shape[:4]
     shape, text_shape = tuple(latents.shape[2:]), tuple(text.shape[2:])
-    steps = torch.tensor(b.timesteps).repeat(num_f * num_k)  # slot order (flip, caption, t)
-    pre = torch.empty(n, num_f * num_k * num_t)
-    delta = torch.empty(n, num_f * num_k * num_t)
+    steps = self.put(torch.tensor(b.timesteps)).repeat(num_f * num_k)  # slot order (f, k, t)
+    pre = torch.empty(n, num_f * num_k * num_t, device=self.device)
+    delta = torch.empty(n, num_f * num_k * num_t, device=self.device)
     with torch.inference_mode():
       for i in range(0, n, b.items_per_forward):
         c = min(b.items_per_forward, n - i)
@@ -316,8 +347,10 @@ class TorchAbU:
         d, r = eps_after - eps, eps - target
         pre[i:i + c] = r.square().mean(dim=(1, 2, 3)).view(c, -1)
         delta[i:i + c] = (d * (d + 2.0 * r)).mean(dim=(1, 2, 3)).view(c, -1)
-    average = lambda x: x.double().view(n, num_f, num_k, num_t).mean(-1).mean(-1).numpy()
-    return average(pre), average(delta)
+    average = lambda x: x.double().view(n, num_f, num_k, num_t).mean(-1).mean(-1).cpu().numpy()
+    out = average(pre), average(delta)
+    self._sync()
+    return out
 
 
 # ------------------------------------------------------------------------------ timing ---
@@ -345,7 +378,7 @@ def _step_difference(after: dict, before: dict, torch_abu: TorchAbU, torch_new: 
   for key in torch_abu.keys:
     path = torch_abu.paths[key]
     ours = np.asarray(flat_after[path]) - np.asarray(flat_before[path])
-    theirs = (torch_new[key] - torch_before[key]).detach().numpy().T  # Linear (out, in)
+    theirs = (torch_new[key] - torch_before[key]).detach().cpu().numpy().T  # Linear (out, in)
     worst = max(worst, float(np.abs(ours - theirs).max() / np.abs(theirs).max()))
   return worst
 
@@ -360,22 +393,24 @@ def compare(b: Bench, args: argparse.Namespace) -> None:
 
   # The Fisher, shared by both sides and not timed (a few items: its values only set the
   # preconditioner's shape, and both sides use the same one).
-  torch_abu = TorchAbU(b, world)
+  torch_abu = TorchAbU(b, world, args.torch_device)
   start = time.perf_counter()
   fisher = torch_abu.compute_fisher(world.arrays, min(b.fisher_items, b.items), b.seed)
   fisher_s = time.perf_counter() - start
 
-  # The draws both sides use: ours derives them in its programs; torch gets them as arrays.
+  # The draws both sides use: ours derives them in its programs; torch gets them as arrays,
+  # put on its device here, before any timing.
   us, ss = b.unlearn_settings(), b.sweep_settings()
   shape = world.query_latent.shape
   q_t, q_noise = unlearn_lib.query_draws(b.seed, 0, us, shape,
                                          world.schedule.num_train_timesteps)
-  nchw = lambda x: torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, -3)))
-  tq = dict(x0=nchw(world.query_latent), text=torch.from_numpy(world.query_text),
-            t=torch.from_numpy(q_t.astype(np.int64)), noise=nchw(q_noise))
+  nchw = lambda x: np.ascontiguousarray(np.moveaxis(x, -1, -3))
+  put = lambda **arrays: {k: torch_abu.put(v) for k, v in arrays.items()}
+  tq = put(x0=nchw(world.query_latent), text=world.query_text, t=q_t.astype(np.int64),
+           noise=nchw(q_noise))
   noise = slot_noise_arrays(b, world.arrays["index"], shape)
-  ts = dict(latents=nchw(world.arrays["latents"]),
-            text=torch.from_numpy(world.arrays["text_states"]), noise=nchw(noise))
+  ts = put(latents=nchw(world.arrays["latents"]), text=world.arrays["text_states"],
+           noise=nchw(noise))
 
   ours_unlearn = lambda: jax.block_until_ready(unlearn_lib.unlearn(
       world.apply_fn, world.params, fisher, world.query_latent, world.query_text,
@@ -407,7 +442,6 @@ def compare(b: Bench, args: argparse.Namespace) -> None:
   probe = (np.zeros((1,) + shape, np.float32), np.zeros((1,), np.int32),
            np.zeros((1,) + world.query_text.shape, np.float32))
   fixed_s, _ = _timed(lambda: (
-      scores_lib.params_fingerprint(world.params), scores_lib.params_fingerprint(after),
       sweep_lib._changed_leaves(world.params, after),  # pylint: disable=protected-access
       sweep_lib.low_precision_dtypes(world.apply_fn, world.params, *probe)))
 
@@ -436,9 +470,17 @@ def compare(b: Bench, args: argparse.Namespace) -> None:
   print(f"\n== {b.name}: UNet {n_params / 1e6:.2f}M params ({n_selected:,} selected: attn2 "
         f"to_k/to_v), {cfg['sample_size']}x{cfg['sample_size']}x{cfg['in_channels']} latents, "
         f"text {b.text_length}x{cfg['cross_attention_dim']}, {b.items} random items swept")
-  print(f"   {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} "
-        f"threads (OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}), jax {jax.__version__} on "
-        f"{mesh.size} {jax.devices()[0].platform} device(s); {_load()}")
+  if torch_abu.device.type == "cuda":
+    torch_on = (f"on cuda ({torch.cuda.get_device_name(torch_abu.device)}; TF32 as ours: "
+                "unlearn on, sweep off)")
+  else:
+    torch_on = (f"on cpu with {torch.get_num_threads()} threads "
+                f"(OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']})")
+  jax_device = jax.devices()[0]
+  jax_kind = f" ({jax_device.device_kind})" if jax_device.platform != "cpu" else ""
+  print(f"   {os.cpu_count()} cores, torch {torch.__version__} {torch_on}, jax "
+        f"{jax.__version__} on {mesh.size} {jax_device.platform} device(s){jax_kind}; "
+        f"{_load()}")
   print(f"   unlearn: α={b.alpha}, N={b.num_train:,}, 1 step, D={b.draws} draws (timesteps "
         f"distinct within batches of {us.draws_per_batch}), micro-batch {b.micro_batch}; "
         f"Fisher from {2 * min(b.fisher_items, b.items)} examples ({fisher_s:.0f} s, shared, "
@@ -472,8 +514,8 @@ def compare(b: Bench, args: argparse.Namespace) -> None:
   print(f"   => per query, ours is {verdict} by {max(tt / to, to / tt):.2f}x (median; "
         f"unlearn {med['torch_unlearn'] / med['ours_unlearn']:.2f}x, sweep "
         f"{med['torch_sweep'] / med['ours_sweep']:.2f}x as torch/ours)")
-  print(f"   of ours' sweep, {fixed_s:.2f} s per call is fixed host work (parameter "
-        "fingerprints, change detection, precision check), independent of the items")
+  print(f"   of ours' sweep, {fixed_s:.2f} s per call is fixed host work (change "
+        "detection, precision check), independent of the items")
   print(f"   sweep throughput: ours {b.items / med['ours_sweep']:.1f} items/s "
         f"({torch_forwards / med['ours_sweep']:.0f} forwards/s), torch "
         f"{b.items / med['torch_sweep']:.1f} items/s ({torch_forwards / med['torch_sweep']:.0f} "
@@ -570,12 +612,20 @@ def main() -> None:
                       help="items (x 2 flips) of the shared Fisher")
   parser.add_argument("--repeats", type=int, help="timed repeats per side (3 / 2)")
   parser.add_argument("--torch_threads", type=int, default=0, help="0: os.cpu_count()")
-  parser.add_argument("--no_devices", action="store_true", help="skip the fake-device table")
+  parser.add_argument("--torch_device", choices=["cpu", "cuda"], default="cpu",
+                      help="where the PyTorch reference runs (ours: JAX's default backend)")
+  parser.add_argument("--no_devices", "--no_device_table", action="store_true",
+                      help="skip the fake-device table (skipped anyway unless JAX runs on CPU)")
   parser.add_argument("--devices_config", choices=list(DEFAULTS), default="tiny",
                       help="config of the fake-device table")
   parser.add_argument("--devices", type=int, default=0, help=argparse.SUPPRESS)  # child mode
   parser.add_argument("--out", default="", help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.torch_device == "cuda":
+    import torch  # pylint: disable=g-import-not-at-top
+    if not torch.cuda.is_available():
+      parser.error(f"--torch_device cuda: torch {torch.__version__} sees no CUDA device "
+                   "(torch.cuda.is_available() is False); use --torch_device cpu")
 
   if args.devices:
     name = args.config if args.config != "all" else args.devices_config
@@ -585,7 +635,10 @@ def main() -> None:
   for name in (DEFAULTS if args.config == "all" else [args.config]):
     compare(make_bench(name, args), args)
   if not args.no_devices:
-    device_table(make_bench(args.devices_config, args), args)
+    if jax.default_backend() == "cpu":
+      device_table(make_bench(args.devices_config, args), args)
+    else:
+      print(f"\n(fake-CPU-device table skipped: JAX runs on {jax.default_backend()})")
   print(f"\nabu_query done: {_load()}")
 
 

@@ -84,10 +84,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # items a query takes ~8 s (unlearn 3 s, sweep 5 s) after the factors and the pre losses
   # (once); the evaluation reuses those results and computes the other method's itself.
 
-  # The sweep of the evaluation's table: one draw per timestep, uniform weights (configs/tiny.py
-  # later moved its own model to the training's Min-SNR weights).
+  # The attribution of the evaluation's table: one sweep draw per timestep, every timestep
+  # weighing the same in τ, the Fisher and the EK-FAC factors (configs/tiny.py later moved its
+  # own model to the training's Min-SNR weights).
   c.attribution.sweep.timesteps = tuple(range(0, 1000, 200 if smoke else 100))
-  c.attribution.sweep.min_snr_gamma = None   # and every timestep weighing the same
+  c.attribution.sweep.min_snr_gamma = None
+  c.attribution.fisher.min_snr_gamma = None
+  c.attribution.ekfac.min_snr_gamma = None
 
   # launch/evaluate.py's block (see its docstring for every key).
   c.evaluation = ml_collections.ConfigDict(dict(

@@ -22,6 +22,7 @@ from attrib_jax.attribution import scores
 from attrib_jax.attribution import selection
 from attrib_jax.attribution import sweep as sweep_lib
 from attrib_jax.attribution import unlearn as unlearn_lib
+from attrib_jax.diffusion import loss as loss_lib
 from attrib_jax.diffusion.schedules import NoiseSchedule
 
 N, K, L, D = 24, 2, 3, 6
@@ -170,8 +171,18 @@ def test_selection_counts_on_the_mscoco_unet():
 
 # ---------------------------------------------------------------------------- fisher ---
 
+def min_snr_weights64(t, gamma):
+  """The Min-SNR-γ weight of an ε-prediction loss at t, normalised to mean 1 over every t
+  (float64, written out here independently of diffusion/loss.py)."""
+  ab = np.asarray(SCHEDULE.alphas_cumprod, np.float64)
+  snr = ab / (1 - ab)
+  w = np.minimum(snr, gamma) / snr
+  return w[np.asarray(t)] / w.mean()
+
+
 def fisher_float64(params, arrays, settings, rows):
-  """Direct per-example gradients in float64 (same draws), squared and averaged."""
+  """Direct per-example gradients in float64 (same draws), squared and averaged; with
+  `settings.min_snr_gamma` each square weighs the example's Min-SNR weight."""
   index, ncap = arrays["index"][rows], arrays["num_captions"][rows]
   examples = [(e, r, f) for e in range(settings.num_epochs) for r in range(rows.size)
               for f in (0, 1)]
@@ -191,8 +202,11 @@ def fisher_float64(params, arrays, settings, rows):
     def loss(sel, x, tt, c, n):
       out = apply64(selection.merge(sel, rest), x[None], tt[None], c[None])[0]
       return jnp.mean(jnp.square(out - n))
-    fisher = jax.jit(lambda *a: jax.tree.map(lambda g: jnp.mean(jnp.square(g), axis=0),
-                                             jax.vmap(jax.grad(loss), (None, 0, 0, 0, 0))(*a)))
+    w = (np.ones(t.shape) if settings.min_snr_gamma is None
+         else min_snr_weights64(t, settings.min_snr_gamma))
+    fisher = jax.jit(lambda *a: jax.tree.map(
+        lambda g: jnp.mean(jnp.einsum("e,e...->e...", w, jnp.square(g)), axis=0),
+        jax.vmap(jax.grad(loss), (None, 0, 0, 0, 0))(*a)))
     values = fisher(selected, x_t, np.asarray(t), text.astype(np.float64),
                     np.asarray(noise, np.float64))
     return {p: np.asarray(v) for p, v in values.items()}
@@ -265,6 +279,81 @@ def test_unlearning_step_equals_its_closed_form(world):
     np.testing.assert_allclose(g1[p], g, rtol=0, atol=1e-5 * np.abs(g).max())
 
 
+def test_min_snr_weighted_fisher_and_query_gradient_equal_float64(world):
+  """With `min_snr_gamma` the Fisher is E[w(t) (∇L)²] and ḡ the mean of w(t)·∇L over the
+  draws, w the training's Min-SNR weights at mean 1 over the timesteps."""
+  with pytest.raises(ValueError, match="min_snr_gamma"):
+    fisher_lib.FisherSettings(min_snr_gamma=0.0)
+  with pytest.raises(ValueError, match="min_snr_gamma"):
+    unlearn_lib.UnlearnSettings(min_snr_gamma=-1.0)
+  every = np.arange(1000)
+  np.testing.assert_allclose(np.asarray(loss_lib.loss_weights(SCHEDULE, every, 5.0)),
+                             min_snr_weights64(every, 5.0), rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(loss_lib.loss_weights(SCHEDULE, every[:3], None)), 1)
+  params, (x0, text) = world["params"], world["query"]
+
+  settings = dataclasses.replace(FISHER, num_epochs=1, min_snr_gamma=5.0)
+  weighted = fisher_lib.compute_fisher(APPLY, params, world["arrays"], SCHEDULE,
+                                       settings=settings, mesh=parallel.make_mesh(8))
+  reference = fisher_float64(params, world["arrays"], settings, np.arange(N))
+  plain = fisher_float64(params, world["arrays"], dataclasses.replace(settings,
+                                                                      min_snr_gamma=None),
+                         np.arange(N))
+  for p, ref in reference.items():
+    np.testing.assert_allclose(weighted.values[p], ref, rtol=1e-4, atol=1e-6 * ref.max())
+    assert not np.allclose(ref, plain[p], rtol=1e-2)   # the weights do change F
+  # A weighted Fisher is another cache entry; the plain fingerprint is as before weighting.
+  assert weighted.fingerprint() != fisher_lib.expected_fingerprint(
+      params, world["arrays"]["index"], SCHEDULE, dataclasses.replace(settings,
+                                                                      min_snr_gamma=None))
+
+  unlearn = dataclasses.replace(UNLEARN, min_snr_gamma=5.0)
+  t, noise = unlearn_lib.query_draws(unlearn.seed, 0, unlearn, LATENT, 1000)
+  ab = np.asarray(SCHEDULE.alphas_cumprod, np.float64)[t][:, None, None, None]
+  x_t = np.sqrt(ab) * x0 + np.sqrt(1 - ab) * np.asarray(noise, np.float64)
+  w = min_snr_weights64(t, 5.0)
+  with jax.enable_x64(True):
+    apply64 = make_apply(jnp.float64)
+    selected, rest = selection.split(to64(params), selection.select(params))
+
+    def weighted_mean_loss(sel):
+      out = apply64(selection.merge(sel, rest), x_t, t, np.broadcast_to(
+          text.astype(np.float64), (t.size,) + text.shape))
+      per_draw = jnp.mean(jnp.square(out - np.asarray(noise, np.float64)), axis=(1, 2, 3))
+      return jnp.mean(w * per_draw)
+    g64 = {p: np.asarray(v) for p, v in jax.jit(jax.grad(weighted_mean_loss))(selected).items()}
+  for mesh in (parallel.make_mesh(8), parallel.make_mesh(1)):
+    g = unlearn_lib.query_gradient(APPLY, params, x0, text, SCHEDULE, mesh=mesh,
+                                   settings=unlearn)
+    for p, ref in g64.items():
+      np.testing.assert_allclose(g[p], ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+def test_runner_sets_aside_a_preconditioner_of_other_settings(world, tmp_path):
+  """Changing the Fisher's settings recomputes it without losing the old one; switching back
+  reuses the old one (no recomputation)."""
+  from attrib_jax.attribution import runner  # pylint: disable=g-import-not-at-top
+  plain = runner.AbUSettings(dataclasses.replace(FISHER, num_epochs=1), UNLEARN, SWEEP)
+  weighted = dataclasses.replace(plain, fisher=dataclasses.replace(plain.fisher,
+                                                                   min_snr_gamma=5.0))
+  logs = []
+  make = lambda settings: runner.AbU(APPLY, world["params"], world["arrays"], SCHEDULE,
+                                     settings, str(tmp_path), mesh=parallel.make_mesh(2),
+                                     log=logs.append)
+  first = make(plain).fisher
+  second = make(weighted).fisher
+  assert first.fingerprint() != second.fingerprint()
+  assert (tmp_path / f"fisher.{first.fingerprint()}.npz").exists()
+  logs.clear()
+  again = make(plain).fisher
+  assert any("reusing" in line for line in logs)
+  assert not any("examples in" in line for line in logs)   # not recomputed
+  assert again.fingerprint() == first.fingerprint()
+  assert (tmp_path / f"fisher.{second.fingerprint()}.npz").exists()
+  for p in first.values:
+    np.testing.assert_array_equal(again.values[p], first.values[p])
+
+
 def test_preconditioner_zero_fisher_rules():
   values = {("w",): np.array([0.0, 1e-3, 4.0])}
   scale = unlearn_lib.preconditioner(values, alpha=0.5, num_train=10)
@@ -328,6 +417,19 @@ def test_sweep_is_invariant_to_devices_and_batch_size(world, base_sweep):
     # tolerance only leaves room for a backend that reorders sums by layout.
     np.testing.assert_allclose(other.delta, base_sweep.delta, rtol=0, atol=1e-6 * scale)
     np.testing.assert_allclose(other.pre, base_sweep.pre, rtol=1e-6)
+
+
+def test_changed_leaves_are_found_wherever_the_weights_live(world):
+  before = world["params"]                                   # host numpy
+  after = world["after"]                                     # replicated over 8 devices
+  changed = sweep_lib._changed_leaves(before, after)  # pylint: disable=protected-access
+  assert set(changed) == set(selection.split(before, selection.select(before))[0])
+  on_one = jax.device_put(before, jax.devices()[1])          # θ0 committed to one device
+  assert set(sweep_lib._changed_leaves(on_one, after)) == set(changed)  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="nothing was unlearned"):
+    sweep_lib._changed_leaves(before, before)  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="different paths"):
+    sweep_lib._changed_leaves(before, {"other": before})  # pylint: disable=protected-access
 
 
 def test_sweep_subset_equals_the_full_sweep_restricted(world, base_sweep):

@@ -105,9 +105,10 @@ def world():
               perturbations=jax.device_get(variables["perturbations"]))
 
 
-def reference_tokens(world):
+def reference_tokens(world, min_snr_gamma=None):
   """Per example, float64, the Fisher's draws: {layer: (a [E,T,in(+1)], g [E,T,out])} and the
-  per-example gradients of the selected weights (plain jax.grad of the parameters)."""
+  per-example gradients of the selected weights (plain jax.grad of the parameters). With
+  `min_snr_gamma`, of the loss scaled by √w(t), w the Min-SNR weight at mean 1 over t."""
   arrays, params = world["arrays"], world["params"]
   rows = np.arange(N)
   e, r, f = (np.asarray(a) for a in zip(*[(0, i, fl) for i in rows for fl in (0, 1)]))
@@ -117,6 +118,11 @@ def reference_tokens(world):
   caption = np.asarray(jax.vmap(fisher_lib.draw_caption)(keys, arrays["num_captions"][r]))
   t, noise = jax.vmap(lambda k: fisher_lib.draw_timestep_and_noise(k, LATENT, 1000))(keys)
   t, noise = np.asarray(t), np.asarray(noise, np.float64)
+  root_w = np.ones(t.shape)
+  if min_snr_gamma is not None:   # ε target: min(SNR, γ) / SNR, written out in float64
+    all_ab = np.asarray(SCHEDULE.alphas_cumprod, np.float64)
+    w = np.minimum(all_ab / (1 - all_ab), min_snr_gamma) / (all_ab / (1 - all_ab))
+    root_w = np.sqrt(w[t] / w.mean())
   ab = np.asarray(SCHEDULE.alphas_cumprod, np.float64)[t][:, None, None, None]
   x_t = np.sqrt(ab) * arrays["latents"][r, f] + np.sqrt(1 - ab) * noise
   text = arrays["text_states"][r, caption].astype(np.float64)
@@ -125,13 +131,14 @@ def reference_tokens(world):
     selected, rest = selection.split(to64(params), selection.select(params, SETTINGS.selection))
     zeros = jax.tree.map(lambda a: np.zeros(a.shape), world["perturbations"])
 
-    def loss(sel, taps, x, tt, c, n):
+    def loss(sel, taps, x, tt, c, n, scale):
       out, state = module.apply({"params": selection.merge(sel, rest), "perturbations": taps},
                                 x[None], tt[None], c[None], mutable=["inputs"])
-      return jnp.mean(jnp.square(out[0] - n)), state["inputs"]
+      return scale * jnp.mean(jnp.square(out[0] - n)), state["inputs"]
     grad = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1), has_aux=True),
-                            in_axes=(None, None, 0, 0, 0, 0)))
-    (g_params, g_taps), inputs = jax.device_get(grad(selected, zeros, x_t, t, text, noise))
+                            in_axes=(None, None, 0, 0, 0, 0, 0)))
+    (g_params, g_taps), inputs = jax.device_get(grad(selected, zeros, x_t, t, text, noise,
+                                                     root_w))
   tokens = {}
   for name in ("to_q", "to_k", "to_v", "to_out_0"):
     a = inputs["blocks_0"]["attn2"][name + "_in"][0]
@@ -181,6 +188,30 @@ def test_factors_equal_float64_definitions(world):
     qa, qg = f.activation_eigvecs, f.gradient_eigvecs
     lam_ref = np.mean(np.square(np.einsum("ij,eio,op->ejp", qa, per_example, qg)), axis=0)
     assert f.eigenvalues.shape == per_example.shape[1:]
+    np.testing.assert_allclose(f.eigenvalues, lam_ref, rtol=0, atol=1e-5 * lam_ref.max())
+
+
+def test_min_snr_weighted_factors_describe_the_weighted_loss(world):
+  """With `min_snr_gamma` the per-token g (so G and Λ) are those of √w(t)·L: each example's
+  curvature weighs w(t), as in the Min-SNR training loss; A does not change."""
+  settings = dataclasses.replace(SETTINGS, min_snr_gamma=5.0)
+  weighted = ekfac.compute_ekfac(APPLY, world["params"], world["arrays"], SCHEDULE,
+                                 settings=settings, mesh=parallel.make_mesh(8))
+  assert weighted.fingerprint() != world["factors"].fingerprint()
+  assert weighted.fingerprint() == ekfac.expected_fingerprint(
+      world["params"], world["arrays"]["index"], SCHEDULE, settings)
+  tokens, g_params = reference_tokens(world, min_snr_gamma=5.0)
+  for module, (a, g) in tokens.items():
+    f, plain = weighted.layers[module], world["factors"].layers[module]
+    np.testing.assert_allclose(f.activation_cov, plain.activation_cov, rtol=1e-6,
+                               atol=1e-7 * np.abs(plain.activation_cov).max())
+    rows = a.shape[0] * a.shape[1]
+    g_ref = np.einsum("eto,etp->op", g, g) / rows
+    np.testing.assert_allclose(f.gradient_cov, g_ref, rtol=0, atol=1e-5 * np.abs(g_ref).max())
+    assert not np.allclose(f.gradient_cov, plain.gradient_cov, rtol=1e-2)
+    per_example = joined(g_params, module, f.has_bias)
+    lam_ref = np.mean(np.square(np.einsum("ij,eio,op->ejp", f.activation_eigvecs, per_example,
+                                          f.gradient_eigvecs)), axis=0)
     np.testing.assert_allclose(f.eigenvalues, lam_ref, rtol=0, atol=1e-5 * lam_ref.max())
 
 

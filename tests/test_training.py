@@ -5,6 +5,7 @@ import pytest
 
 from attrib_jax import parallel
 from attrib_jax.diffusion import NoiseSchedule
+from attrib_jax.diffusion import loss as loss_lib
 from attrib_jax.models import unet as unet_lib
 from attrib_jax.training import input_pipeline
 from attrib_jax.training import loop
@@ -146,7 +147,7 @@ def test_min_snr_weights_give_every_target_the_same_x0_weight(prediction_type):
                                         "beta_schedule": "squaredcos_cap_v2",
                                         "prediction_type": prediction_type})
   t = np.array([0, 10, 200, 500, 800, 999])
-  weights = np.asarray(trainer.min_snr_weights(schedule, t, 5.0), np.float64)
+  weights = np.asarray(loss_lib.min_snr_weights(schedule, t, 5.0), np.float64)
   a = np.asarray(schedule.alphas_cumprod, np.float64)[t]
   snr = a / (1 - a)
   # The x0 error's weight inside each loss: ε loss = SNR · x0 loss, v loss = (SNR + 1) · x0 loss.

@@ -84,6 +84,14 @@ class EKFACSettings:
   batch_size: int = 32        # examples per global micro-batch (rounded up to the device count)
   seed: int = 0
   flush_every: int = 64       # micro-batches between float64 folds on the host
+  # The loss whose curvature the factors describe: None the plain loss; γ the Min-SNR-γ
+  # training loss, each example's g scaled by √w(t), so G and Λ weigh it by w(t) (as the
+  # diagonal Fisher's `min_snr_gamma`).
+  min_snr_gamma: float | None = None
+
+  def __post_init__(self):
+    if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
+      raise ValueError(f"min_snr_gamma must be positive or None, got {self.min_snr_gamma}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +105,11 @@ class EKFACUnlearnSettings:
   damping_scale: float = 0.1  # d = damping_scale · mean(Λ), per layer
   seed: int = 0
   selection: Any = selection.DEFAULT
+  min_snr_gamma: float | None = None   # the query loss's timestep weights (as AbU's)
 
   def __post_init__(self):
+    if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
+      raise ValueError(f"min_snr_gamma must be positive or None, got {self.min_snr_gamma}")
     if self.num_steps < 1 or self.num_draws < 1 or self.micro_batch < 1:
       raise ValueError("num_steps, num_draws and micro_batch must be >= 1")
     if self.damping_scale < 0:
@@ -231,9 +242,10 @@ def _tapped_forward(apply_fn: Callable, params: Any, x_t: jax.Array, t: jax.Arra
 
 def _example_tokens(apply_fn: Callable, params: Any, layers: tuple[_Layer, ...],
                     x0: jax.Array, text: jax.Array, t: jax.Array, noise: jax.Array,
-                    schedule: NoiseSchedule) -> tuple[dict, dict]:
-  """({module: a [T, in(+1)]}, {module: g [T, out]}) for one example, float32. Call inside
-  `shard_map` over `parallel.DATA`."""
+                    schedule: NoiseSchedule, loss_scale: jax.Array = 1.0
+                    ) -> tuple[dict, dict]:
+  """({module: a [T, in(+1)]}, {module: g [T, out]}) for one example, float32, g the gradient
+  of `loss_scale` · L. Call inside `shard_map` over `parallel.DATA`."""
   taps = {layer.module: [jax.lax.pcast(jnp.zeros(shape, jnp.float32), parallel.DATA,
                                        to="varying") for shape in layer.calls]
           for layer in layers}
@@ -247,7 +259,7 @@ def _example_tokens(apply_fn: Callable, params: Any, layers: tuple[_Layer, ...],
       return prediction
     value = loss_lib.per_example_loss(apply, params, x0[None], text[None], t[None],
                                       noise[None], schedule=schedule)[0]
-    return value, recorded
+    return loss_scale * value, recorded
 
   grads, inputs = jax.grad(loss, has_aux=True)(taps)
   acts, outs = {}, {}
@@ -265,7 +277,8 @@ def _example_tokens(apply_fn: Callable, params: Any, layers: tuple[_Layer, ...],
 # ---------------------------------------------------------------------- factor kernel ---
 
 @functools.lru_cache(maxsize=32)
-def _factor_step(apply_fn: Callable, mesh, layers: tuple[_Layer, ...]) -> Callable:
+def _factor_step(apply_fn: Callable, mesh, layers: tuple[_Layer, ...],
+                 min_snr_gamma: float | None = None) -> Callable:
   """jit(step(acc, comp, params, schedule, seed, bases, refit, batch) -> (acc, comp)).
 
   The tree is {module: {"A": Σ a aᵀ, "G": Σ g gᵀ, "L": Σ_examples (Q_Aᵀ ∇K Q_G)²}} with
@@ -278,7 +291,9 @@ def _factor_step(apply_fn: Callable, mesh, layers: tuple[_Layer, ...]) -> Callab
     def example(x0, text, index, flip, epoch):
       key = fisher_lib.example_key(seed, epoch, index, flip)
       t, noise = fisher_lib.draw_timestep_and_noise(key, x0.shape, schedule.num_train_timesteps)
-      return _example_tokens(apply_fn, params, layers, x0, text, t, noise, schedule)
+      root_weight = jnp.sqrt(loss_lib.loss_weights(schedule, t, min_snr_gamma))
+      return _example_tokens(apply_fn, params, layers, x0, text, t, noise, schedule,
+                             root_weight)
 
     acts, outs = jax.vmap(example)(batch["x0"], batch["text"], batch["index"], batch["flip"],
                                    batch["epoch"])
@@ -349,7 +364,7 @@ def _run_pass(apply_fn, params, arrays, schedule, plan: _Plan, settings: EKFACSe
   """One sweep over the plan's examples: the float64 host sums of the `_factor_step` tree
   (covariances when `bases` is None, else the eigenvalues in those bases)."""
   refit = bases is not None
-  step = _factor_step(apply_fn, mesh, plan.layers)
+  step = _factor_step(apply_fn, mesh, plan.layers, settings.min_snr_gamma)
   batch = parallel.pad_to_multiple(settings.batch_size, mesh.size)
   per_epoch = 2 * plan.rows.size
   total = plan.num_examples
@@ -426,7 +441,8 @@ def _fingerprint(params_fp: str, settings: EKFACSettings, index: np.ndarray,
       "epochs": settings.num_epochs, "seed": settings.seed, "num_examples": num_examples,
       "items": scores_lib.settings_digest(np.asarray(index).tolist()),
       "schedule": scores_lib.params_fingerprint(
-          {"alphas_cumprod": schedule.alphas_cumprod}) + schedule.prediction_type})
+          {"alphas_cumprod": schedule.alphas_cumprod}) + schedule.prediction_type,
+      **fisher_lib.loss_weight_digest(settings.min_snr_gamma)})
 
 
 def compute_covariances(apply_fn: Callable, params: Mapping[str, Any], arrays: Mapping[str, Any],
@@ -621,12 +637,13 @@ def _independent_draws(seed, step, ids, shape, schedule, table, *, num_draws: in
   return jax.vmap(lambda i: draw_query(seed, step, i, shape, schedule.num_train_timesteps))(ids)
 
 
-def _gradient_sum(apply_fn: Callable, mesh, num_draws: int, micro_batch: int, seed: int,
-                  selected, rest, schedule, x0, text, step: int):
-  """Σ over the step's draws of ∇L (replicated): AbU's chunked kernel with AbU+'s draws."""
+def _gradient_sum(apply_fn: Callable, mesh, settings: EKFACUnlearnSettings, selected, rest,
+                  schedule, x0, text, step: int):
+  """Σ over the step's draws of w(t)·∇L (replicated): AbU's chunked kernel with AbU+'s draws."""
   return unlearn_lib.gradient_sum(apply_fn, mesh, selected, rest, schedule, x0, text,
-                                  seed=seed, step=step, num_draws=num_draws,
-                                  micro_batch=micro_batch, draws=_independent_draws)
+                                  seed=settings.seed, step=step, num_draws=settings.num_draws,
+                                  micro_batch=settings.micro_batch, draws=_independent_draws,
+                                  min_snr_gamma=settings.min_snr_gamma)
 
 
 @functools.lru_cache(maxsize=32)
@@ -671,8 +688,7 @@ def query_gradient(apply_fn: Callable, params: Mapping[str, Any], query_latent: 
   x0, text = _check_query(query_latent, query_text)
   rep = parallel.replicated(mesh)
   selected, rest, schedule_d, x0, text = jax.device_put((selected, rest, schedule, x0, text), rep)
-  total = _gradient_sum(apply_fn, mesh, settings.num_draws, settings.micro_batch, settings.seed,
-                        selected, rest, schedule_d, x0, text, step)
+  total = _gradient_sum(apply_fn, mesh, settings, selected, rest, schedule_d, x0, text, step)
   return {p: np.asarray(v) / settings.num_draws for p, v in total.items()}
 
 
@@ -729,8 +745,7 @@ def ekfac_unlearn(apply_fn: Callable, params: Mapping[str, Any], factors: EKFAC,
       (selected, rest, preconditioner, schedule, x0, text), rep)
   meter = scores_lib.ProgressMeter("unlearn", settings.num_steps * settings.num_draws, "draws")
   for s in range(settings.num_steps):
-    grad_sum = _gradient_sum(apply_fn, mesh, settings.num_draws, settings.micro_batch,
-                             settings.seed, selected, rest, schedule_d, x0, text, s)
+    grad_sum = _gradient_sum(apply_fn, mesh, settings, selected, rest, schedule_d, x0, text, s)
     selected = update(selected, preconditioner, grad_sum)
     if progress:
       jax.block_until_ready(selected)

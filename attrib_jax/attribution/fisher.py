@@ -48,6 +48,20 @@ class FisherSettings:
   batch_size: int = 32        # examples per global micro-batch (rounded up to the device count)
   seed: int = 0
   flush_every: int = 64       # micro-batches between float64 folds on the host
+  # The loss whose Fisher this is: None the plain per-example loss (SPEC); γ the Min-SNR-γ
+  # training loss, each example's gradient scaled by √w(t) so that F = E[w(t) (∇L)²], the
+  # Gauss-Newton curvature of the weighted loss (w at mean 1, `diffusion.loss.loss_weights`).
+  min_snr_gamma: float | None = None
+
+  def __post_init__(self):
+    if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
+      raise ValueError(f"min_snr_gamma must be positive or None, got {self.min_snr_gamma}")
+
+
+def loss_weight_digest(min_snr_gamma: float | None) -> dict:
+  """The fingerprint entry of a loss weighting: none for the plain loss, so the fingerprints
+  of caches made before weighting existed stay valid."""
+  return {} if min_snr_gamma is None else {"min_snr_gamma": float(min_snr_gamma)}
 
 
 @dataclasses.dataclass
@@ -105,7 +119,7 @@ def draw_captions(seed: int, epoch: np.ndarray, index: np.ndarray, flip: np.ndar
 # --------------------------------------------------------------------------- kernel ---
 
 @functools.lru_cache(maxsize=32)
-def _fisher_step(apply_fn: Callable, mesh) -> Callable:
+def _fisher_step(apply_fn: Callable, mesh, min_snr_gamma: float | None = None) -> Callable:
   """jit(step(acc, comp, selected, rest, schedule, seed, batch) -> (acc, comp))."""
 
   def local_sum(selected, rest, schedule, seed, batch):
@@ -116,10 +130,12 @@ def _fisher_step(apply_fn: Callable, mesh) -> Callable:
       key = example_key(seed, epoch, index, flip)
       t, noise = draw_timestep_and_noise(key, x0.shape, schedule.num_train_timesteps)
 
+      root_weight = jnp.sqrt(loss_lib.loss_weights(schedule, t, min_snr_gamma))
+
       def loss(sel):
         params = selection.merge(sel, rest)
-        return loss_lib.per_example_loss(apply_fn, params, x0[None], text[None], t[None],
-                                         noise[None], schedule=schedule)[0]
+        return root_weight * loss_lib.per_example_loss(
+            apply_fn, params, x0[None], text[None], t[None], noise[None], schedule=schedule)[0]
       return jax.grad(loss)(selected)
 
     grads = jax.vmap(example_grad)(batch["x0"], batch["text"], batch["index"], batch["flip"],
@@ -168,7 +184,8 @@ def _fingerprint(params_fp: str, settings: FisherSettings, index: np.ndarray,
       "seed": settings.seed, "num_examples": num_examples,
       "items": scores_lib.settings_digest(np.asarray(index).tolist()),
       "schedule": scores_lib.params_fingerprint(
-          {"alphas_cumprod": schedule.alphas_cumprod}) + schedule.prediction_type})
+          {"alphas_cumprod": schedule.alphas_cumprod}) + schedule.prediction_type,
+      **loss_weight_digest(settings.min_snr_gamma)})
 
 
 def checked_items(arrays: Mapping[str, Any], rows: np.ndarray | None, who: str
@@ -226,7 +243,7 @@ def compute_fisher(apply_fn: Callable, params: Mapping[str, Any], arrays: Mappin
       start = int(ckpt["batches_done"])
       host = {p: ckpt["sum/" + selection.path_name(p)] for p in selected}
 
-  step = _fisher_step(apply_fn, mesh)
+  step = _fisher_step(apply_fn, mesh, settings.min_snr_gamma)
   rep = parallel.replicated(mesh)
   selected, rest = jax.device_put((selected, rest), rep)
   schedule_d = jax.device_put(schedule, rep)

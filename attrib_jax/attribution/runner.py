@@ -6,7 +6,9 @@ is AbU+ (EK-FAC factors of the selected layers, ekfac.py). Both share the loss s
 cached pre losses; their results live in different directories (`out_dir_name`).
 
 Everything lands under `out_dir` and is reused when present with the same fingerprint:
-  fisher.npz | ekfac.npz         once per (model, settings), in `cache_dir` (default out_dir)
+  fisher.npz | ekfac.npz         once per (model, settings), in `cache_dir` (default out_dir);
+                                 one of other settings is set aside as fisher.<fingerprint>.npz
+                                 (kept: switching back to its settings reuses it)
   pre_losses.npz                 once per (model, sweep settings), in `cache_dir`
   <query>/result.npz|json        scores, ranking, settings, model fingerprint (atomic)
   <query>/topk.png               the query beside its top-k with scores
@@ -44,6 +46,7 @@ class EKFACBlock:
   batch_size: int = 32
   seed: int = 0
   damping_scale: float = 0.1    # SPEC §2: d = 0.1 · mean(Λ), per layer
+  min_snr_gamma: float | None = None   # the loss the factors describe (EKFACSettings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,13 +86,15 @@ class AbUSettings:
   def ekfac_settings(self) -> ekfac_lib.EKFACSettings:
     return ekfac_lib.EKFACSettings(selection=self.unlearn.selection,
                                    num_epochs=self.ekfac.num_epochs,
-                                   batch_size=self.ekfac.batch_size, seed=self.ekfac.seed)
+                                   batch_size=self.ekfac.batch_size, seed=self.ekfac.seed,
+                                   min_snr_gamma=self.ekfac.min_snr_gamma)
 
   def ekfac_unlearn_settings(self) -> ekfac_lib.EKFACUnlearnSettings:
     u = self.unlearn
     return ekfac_lib.EKFACUnlearnSettings(
         alpha=u.alpha, num_steps=u.num_steps, num_draws=u.num_draws, micro_batch=u.micro_batch,
-        damping_scale=self.ekfac.damping_scale, seed=u.seed, selection=u.selection)
+        damping_scale=self.ekfac.damping_scale, seed=u.seed, selection=u.selection,
+        min_snr_gamma=u.min_snr_gamma)
 
   def with_preconditioner(self, preconditioner: str) -> "AbUSettings":
     return dataclasses.replace(self, preconditioner=preconditioner)
@@ -126,23 +131,44 @@ class AbU:
   def _progress(self, p: scores_lib.Progress) -> None:
     self.log(str(p))
 
+  def _cached(self, name: str, expected: str) -> str | None:
+    """`cache_dir/<name>.npz` if it holds the preconditioner of fingerprint `expected`, else
+    None. A file of other settings is set aside as <name>.<its fingerprint>.npz rather than
+    lost (a Fisher can take hours), and one set aside earlier for `expected` comes back."""
+    path = os.path.join(self.cache_dir, f"{name}.npz")
+    if os.path.exists(path):
+      with np.load(path) as data:
+        held = json.loads(str(data["__meta__"]))["fingerprint"]
+      if held == expected:
+        return path
+      os.replace(path, os.path.join(self.cache_dir, f"{name}.{held}.npz"))
+      self.log(f"{name}: {path} was computed with other settings or another model; set aside "
+               f"as {name}.{held}.npz")
+    aside = os.path.join(self.cache_dir, f"{name}.{expected}.npz")
+    if os.path.exists(aside):
+      os.replace(aside, path)
+      return path
+    return None
+
   @property
   def fisher(self) -> fisher_lib.Fisher:
     if self._fisher is None:
       path = os.path.join(self.cache_dir, "fisher.npz")
       expected = fisher_lib.expected_fingerprint(self.params, self.index, self.schedule,
                                                  self.settings.fisher)
-      if os.path.exists(path):
+      if self._cached("fisher", expected):
         self._fisher = fisher_lib.load_fisher(path, expected_fingerprint=expected)
         self.log(f"fisher: reusing {path}")
       else:
         t0 = time.time()
+        # Named by the fingerprint: a partial pass of other settings is never resumed as this.
+        partial = os.path.join(self.cache_dir, f"fisher_partial_{expected}.npz")
         self._fisher = fisher_lib.compute_fisher(
             self.apply_fn, self.params, self.arrays, self.schedule,
-            settings=self.settings.fisher, mesh=self.mesh,
-            checkpoint_path=os.path.join(self.cache_dir, "fisher_partial.npz"),
+            settings=self.settings.fisher, mesh=self.mesh, checkpoint_path=partial,
             progress=self._progress)
         fisher_lib.save_fisher(path, self._fisher)
+        os.remove(partial)
         self.log(f"fisher: {self._fisher.num_examples} examples in {time.time() - t0:.0f}s")
     return self._fisher
 
@@ -153,7 +179,7 @@ class AbU:
       path = os.path.join(self.cache_dir, "ekfac.npz")
       settings = self.settings.ekfac_settings()
       expected = ekfac_lib.expected_fingerprint(self.params, self.index, self.schedule, settings)
-      if os.path.exists(path):
+      if self._cached("ekfac", expected):
         self._ekfac = ekfac_lib.load_ekfac(path, expected)
         self.log(f"ekfac: reusing {path}")
       else:

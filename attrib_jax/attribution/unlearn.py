@@ -58,8 +58,13 @@ class UnlearnSettings:
   zero_fisher: str = "min_positive"
   seed: int = 0
   selection: str = selection.DEFAULT
+  # The query loss ascended: None the plain mean over timesteps (SPEC); γ weighs each draw by
+  # the Min-SNR-γ training weight of its timestep (`diffusion.loss.loss_weights`, mean 1).
+  min_snr_gamma: float | None = None
 
   def __post_init__(self):
+    if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
+      raise ValueError(f"min_snr_gamma must be positive or None, got {self.min_snr_gamma}")
     if self.num_draws % self.draws_per_batch:
       raise ValueError(f"num_draws {self.num_draws} must be a multiple of draws_per_batch "
                        f"{self.draws_per_batch}")
@@ -136,8 +141,10 @@ def _stratified_draws(seed, step, ids, shape, schedule, timesteps, *, num_draws:
 
 @functools.lru_cache(maxsize=32)
 def _chunk_program(apply_fn: Callable, mesh, num_draws: int, micro_batch: int,
-                   draws: Callable, draws_per_batch: int) -> Callable:
-  """acc + Σ ∇L over one chunk: micro-batch `chunk` of every device, one `psum` (jitted).
+                   draws: Callable, draws_per_batch: int,
+                   min_snr_gamma: float | None) -> Callable:
+  """acc + Σ w(t)·∇L over one chunk: micro-batch `chunk` of every device, one `psum` (jitted);
+  w = `loss.loss_weights(·, min_snr_gamma)` (ones for None).
 
   `draws(seed, step, ids, shape, schedule, table, num_draws=, draws_per_batch=)` returns the
   (timesteps, noise) of the given draw ids; `table` is whatever array it precomputes per step
@@ -154,13 +161,14 @@ def _chunk_program(apply_fn: Callable, mesh, num_draws: int, micro_batch: int,
     t, noise = draws(seed, step, ids, x0.shape, schedule, table, num_draws=num_draws,
                      draws_per_batch=draws_per_batch)
     valid = (ids < num_draws).astype(jnp.float32)
+    weights = valid * loss_lib.loss_weights(schedule, t, min_snr_gamma)
 
     def loss_sum(sel):
       params = selection.merge(sel, rest)
       losses = loss_lib.per_example_loss(
           apply_fn, params, jnp.broadcast_to(x0, (micro,) + x0.shape),
           jnp.broadcast_to(text, (micro,) + text.shape), t, noise, schedule=schedule)
-      return jnp.sum(valid * losses)
+      return jnp.sum(weights * losses)
     grads = jax.lax.psum(jax.grad(loss_sum)(selected), parallel.DATA)
     return jax.tree.map(jnp.add, acc, grads)
 
@@ -178,8 +186,10 @@ def _timestep_program(num_draws: int, draws_per_batch: int, num_timesteps: int) 
 
 def gradient_sum(apply_fn: Callable, mesh, selected: Flat, rest, schedule: NoiseSchedule, x0,
                  text, *, seed: int, step: int, num_draws: int, micro_batch: int,
-                 draws: Callable, draws_per_batch: int = 1, table=None) -> Flat:
-  """Σ over the step's draws of ∇L w.r.t. the selected weights (replicated over the mesh).
+                 draws: Callable, draws_per_batch: int = 1, table=None,
+                 min_snr_gamma: float | None = None) -> Flat:
+  """Σ over the step's draws of w(t)·∇L w.r.t. the selected weights (replicated over the
+  mesh); w the Min-SNR-γ training weights at mean 1, or ones for None.
 
   Shared by AbU and AbU+ (ekfac.py), which differ only in `draws` (see `_chunk_program`).
   Why a host loop over jitted chunks rather than one `lax.scan`: XLA:CPU runs the rolled
@@ -189,7 +199,8 @@ def gradient_sum(apply_fn: Callable, mesh, selected: Flat, rest, schedule: Noise
   of (seed, step, draw id), so the sum does not depend on how it is chunked.
   """
   micro, per_device = _layout(num_draws, micro_batch, mesh.size)
-  program = _chunk_program(apply_fn, mesh, num_draws, micro_batch, draws, draws_per_batch)
+  program = _chunk_program(apply_fn, mesh, num_draws, micro_batch, draws, draws_per_batch,
+                           min_snr_gamma)
   rep = parallel.replicated(mesh)
   table = jax.device_put(np.zeros((0,), np.int32) if table is None else table, rep)
   acc = jax.device_put(jax.tree.map(lambda v: np.zeros(v.shape, np.float32), selected), rep)
@@ -209,7 +220,8 @@ def _gradient_sum(apply_fn: Callable, mesh, settings: UnlearnSettings, selected:
   return gradient_sum(apply_fn, mesh, selected, rest, schedule, x0, text, seed=settings.seed,
                       step=step, num_draws=settings.num_draws,
                       micro_batch=settings.micro_batch, draws=_stratified_draws,
-                      draws_per_batch=settings.draws_per_batch, table=timesteps)
+                      draws_per_batch=settings.draws_per_batch, table=timesteps,
+                      min_snr_gamma=settings.min_snr_gamma)
 
 
 @functools.lru_cache(maxsize=32)

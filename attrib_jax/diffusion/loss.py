@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 
 from attrib_jax.diffusion.schedules import NoiseSchedule, add_noise, velocity
@@ -52,3 +53,39 @@ def per_example_loss(apply_fn: ApplyFn, params: Any, x0: jnp.ndarray, text_state
     raise ValueError(f"apply_fn returned shape {prediction.shape}, expected {target.shape}")
   squared_error = jnp.square(prediction - target)
   return jnp.mean(squared_error.reshape(squared_error.shape[0], -1), axis=1)
+
+
+def min_snr_weights(schedule: Any, t: jax.Array, gamma: float) -> jax.Array:
+  """Min-SNR-γ loss weights (Hang et al. 2023) for the schedule's prediction target.
+
+  The plain loss weights low-noise timesteps by their SNR (ε target) or SNR + 1 (v target), so
+  early training spends most of its signal on removing barely visible noise. Clamping the
+  weight at γ moves it to the timesteps that decide layout, colour and shape: the paper
+  measured ~3x faster convergence.
+  """
+  alpha_bar = schedule.alphas_cumprod[t]
+  snr = alpha_bar / (1.0 - alpha_bar)
+  # Per unit of x_0 error the ε loss weighs SNR, the v loss SNR + 1, the x_0 loss 1; the
+  # weights below make every target weigh min(SNR, γ).
+  if schedule.prediction_type == "epsilon":
+    return jnp.minimum(snr, gamma) / snr
+  if schedule.prediction_type == "v_prediction":
+    return jnp.minimum(snr, gamma) / (snr + 1.0)
+  return jnp.minimum(snr, gamma)
+
+
+def loss_weights(schedule: Any, t: jax.Array, gamma: float | None) -> jax.Array:
+  """The training loss's weight of each timestep in `t`, float32, scaled to mean 1 over the
+  uniform timestep distribution; ones when `gamma` is None (the plain mean, SPEC's loss).
+
+  Attribution's per-example passes (Fisher, EK-FAC, the unlearning gradient) use it to work on
+  the loss the model was trained on. Mean 1 keeps α's scale: only how the timesteps share the
+  step changes. `gamma` is a Python float (static under jit).
+  """
+  if gamma is None:
+    return jnp.ones(jnp.shape(t), jnp.float32)
+  if not gamma > 0:
+    raise ValueError(f"min_snr_gamma must be positive or None, got {gamma}")
+  every = jnp.arange(schedule.num_train_timesteps)
+  return (min_snr_weights(schedule, t, gamma)
+          / jnp.mean(min_snr_weights(schedule, every, gamma))).astype(jnp.float32)

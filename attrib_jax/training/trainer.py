@@ -90,26 +90,6 @@ def choose_inputs(rng: jax.Array, batch: dict, null_text_states: jax.Array, *,
   return x0.astype(jnp.float32), states
 
 
-def min_snr_weights(schedule: Any, t: jax.Array, gamma: float) -> jax.Array:
-  """Min-SNR-γ loss weights (Hang et al. 2023) for the schedule's prediction target.
-
-  The plain loss weights low-noise timesteps by their SNR (ε target) or SNR + 1 (v target), so
-  early training spends most of its signal on removing barely visible noise. Clamping the
-  weight at γ moves it to the timesteps that decide layout, colour and shape: the paper
-  measured ~3x faster convergence. Only the training objective changes; the model's loss
-  L(z, θ) that attribution measures is the unweighted one.
-  """
-  alpha_bar = schedule.alphas_cumprod[t]
-  snr = alpha_bar / (1.0 - alpha_bar)
-  # Per unit of x_0 error the ε loss weighs SNR, the v loss SNR + 1, the x_0 loss 1; the
-  # weights below make every target weigh min(SNR, γ).
-  if schedule.prediction_type == "epsilon":
-    return jnp.minimum(snr, gamma) / snr
-  if schedule.prediction_type == "v_prediction":
-    return jnp.minimum(snr, gamma) / (snr + 1.0)
-  return jnp.minimum(snr, gamma)
-
-
 def make_train_step(apply_fn: Callable, schedule: Any, optimizer: optax.GradientTransformation,
                     *, random_flip: bool = True, caption_dropout: float = 0.1,
                     ema_decay: float | None = None, min_snr_gamma: float | None = None,
@@ -118,7 +98,7 @@ def make_train_step(apply_fn: Callable, schedule: Any, optimizer: optax.Gradient
 
   `apply_fn(params, x_t, t, text_states) -> eps`. With a mesh, the batch is split over its data
   axis and the state replicated; XLA inserts the gradient all-reduce. `min_snr_gamma` weights
-  the loss by `min_snr_weights` (None: the plain mean, the MSCOCO recipe).
+  the loss by `loss.min_snr_weights` (None: the plain mean, the MSCOCO recipe).
   """
   num_train_timesteps = schedule.num_train_timesteps
 
@@ -132,7 +112,7 @@ def make_train_step(apply_fn: Callable, schedule: Any, optimizer: optax.Gradient
     noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
 
     weights = (jnp.ones((b,), jnp.float32) if min_snr_gamma is None
-               else min_snr_weights(schedule, t, min_snr_gamma))
+               else loss_lib.min_snr_weights(schedule, t, min_snr_gamma))
 
     def mean_loss(params):
       return jnp.mean(weights * loss_lib.per_example_loss(apply_fn, params, x0, text, t, noise,
