@@ -123,7 +123,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # weight (min_snr_gamma below; the curvature of the objective the model minimised). Measured
   # on runs/tiny_r10 with the sweep below: AbU+ Recall@10 0.79 -> 0.80 on the 10 demo queries
   # (0.77 -> 0.77 on 20 held-out ones), AbU with the diagonal Fisher 0.16 -> 0.69 (held out:
-  # 0.26; it does not carry over as AbU+ does). The query
+  # 0.20 -> 0.26: it does not carry over). The query
   # gradient stays SPEC's plain mean: weighting it too fell to 0.67 (0.54 with plain factors):
   # the prompt's influence on the K/V weights shows at the noisy timesteps the weights discount.
   ekfac_fisher_gamma = c.train.min_snr_gamma or None
