@@ -90,8 +90,7 @@ class EKFACSettings:
   min_snr_gamma: float | None = None
 
   def __post_init__(self):
-    if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
-      raise ValueError(f"min_snr_gamma must be positive or None, got {self.min_snr_gamma}")
+    loss_lib.check_min_snr_gamma(self.min_snr_gamma)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,8 +107,7 @@ class EKFACUnlearnSettings:
   min_snr_gamma: float | None = None   # the query loss's timestep weights (as AbU's)
 
   def __post_init__(self):
-    if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
-      raise ValueError(f"min_snr_gamma must be positive or None, got {self.min_snr_gamma}")
+    loss_lib.check_min_snr_gamma(self.min_snr_gamma)
     if self.num_steps < 1 or self.num_draws < 1 or self.micro_batch < 1:
       raise ValueError("num_steps, num_draws and micro_batch must be >= 1")
     if self.damping_scale < 0:

@@ -54,8 +54,7 @@ class FisherSettings:
   min_snr_gamma: float | None = None
 
   def __post_init__(self):
-    if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
-      raise ValueError(f"min_snr_gamma must be positive or None, got {self.min_snr_gamma}")
+    loss_lib.check_min_snr_gamma(self.min_snr_gamma)
 
 
 def loss_weight_digest(min_snr_gamma: float | None) -> dict:

@@ -124,8 +124,7 @@ class SweepSettings:
   min_snr_gamma: float | None = None
 
   def __post_init__(self):
-    if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
-      raise ValueError(f"min_snr_gamma must be positive or None, got {self.min_snr_gamma}")
+    loss_lib.check_min_snr_gamma(self.min_snr_gamma)
     if self.noise not in NOISE_MODES:
       raise ValueError(f"noise must be one of {NOISE_MODES}, got {self.noise!r}")
     if self.method not in METHODS:

@@ -63,8 +63,7 @@ class UnlearnSettings:
   min_snr_gamma: float | None = None
 
   def __post_init__(self):
-    if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
-      raise ValueError(f"min_snr_gamma must be positive or None, got {self.min_snr_gamma}")
+    loss_lib.check_min_snr_gamma(self.min_snr_gamma)
     if self.num_draws % self.draws_per_batch:
       raise ValueError(f"num_draws {self.num_draws} must be a multiple of draws_per_batch "
                        f"{self.draws_per_batch}")

@@ -74,6 +74,12 @@ def min_snr_weights(schedule: Any, t: jax.Array, gamma: float) -> jax.Array:
   return jnp.minimum(snr, gamma)
 
 
+def check_min_snr_gamma(gamma: float | None) -> None:
+  """A settings field's γ: positive, or None for the plain loss."""
+  if gamma is not None and not gamma > 0:
+    raise ValueError(f"min_snr_gamma must be positive or None, got {gamma}")
+
+
 def loss_weights(schedule: Any, t: jax.Array, gamma: float | None) -> jax.Array:
   """The training loss's weight of each timestep in `t`, float32, scaled to mean 1 over the
   uniform timestep distribution; ones when `gamma` is None (the plain mean, SPEC's loss).
@@ -82,10 +88,9 @@ def loss_weights(schedule: Any, t: jax.Array, gamma: float | None) -> jax.Array:
   the loss the model was trained on. Mean 1 keeps α's scale: only how the timesteps share the
   step changes. `gamma` is a Python float (static under jit).
   """
+  check_min_snr_gamma(gamma)
   if gamma is None:
     return jnp.ones(jnp.shape(t), jnp.float32)
-  if not gamma > 0:
-    raise ValueError(f"min_snr_gamma must be positive or None, got {gamma}")
   every = jnp.arange(schedule.num_train_timesteps)
   return (min_snr_weights(schedule, t, gamma)
           / jnp.mean(min_snr_weights(schedule, every, gamma))).astype(jnp.float32)
