@@ -85,10 +85,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # (once); the evaluation reuses those results and computes the other method's itself.
 
   # The attribution of the evaluation's table: one sweep draw per timestep, every timestep
-  # weighing the same in τ, the Fisher and the EK-FAC factors (configs/tiny.py later moved its
-  # own model to the training's Min-SNR weights).
+  # weighing the same in τ, the Fisher and the EK-FAC factors, τ from the exact finite step
+  # (configs/tiny.py later moved its own model to the training's Min-SNR weights and "jvp").
   c.attribution.sweep.timesteps = tuple(range(0, 1000, 200 if smoke else 100))
   c.attribution.sweep.min_snr_gamma = None
+  c.attribution.sweep.method = "cached"
   c.attribution.fisher.min_snr_gamma = None
   c.attribution.ekfac.min_snr_gamma = None
 

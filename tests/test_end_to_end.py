@@ -31,24 +31,29 @@ def test_smoke_main_job(tmp_path):
   _run("launch.generate", workdir)
   queries = sorted(os.listdir(os.path.join(workdir, "queries")))
   assert "overview.png" in queries and any(q.startswith("rare_") for q in queries)
-  # The default is AbU+ (configs/tiny.py): results in attribution_plus/, the preconditioner
-  # and pre losses in attribution/.
+  # The default is AbU+ (configs/tiny.py) with the "jvp" sweep (no pre losses): results in
+  # attribution_plus/, the preconditioner in attribution/.
   log = _run("launch.attribute", workdir)
-  assert "ekfac: " in log and "pre losses:" in log, log
+  assert "ekfac: " in log and "pre losses:" not in log, log
   summary = json.load(open(os.path.join(workdir, "attribution_plus", "summary.json")))
   assert summary["summary"]["num_queries"] == len(queries) - 1
   assert set(summary["summary"]["mean_recall@10"]) == {"abu+", "pixel"}
   assert os.path.exists(os.path.join(workdir, "attribution_plus", "report.html"))
   assert os.path.exists(os.path.join(workdir, "attribution", "ekfac.npz"))
-  # AbU on the same workdir: its own results, the pre losses reused.
-  log = _run("launch.attribute", workdir, "--config.attribution.preconditioner=fisher")
-  assert "fisher: " in log and "pre losses:" not in log, log
+  # AbU with the "cached" sweep: its own results and the pre losses, which AbU+ then reuses
+  # (its results recomputed: they used other sweep settings).
+  cached = "--config.attribution.sweep.method=cached"
+  log = _run("launch.attribute", workdir, "--config.attribution.preconditioner=fisher", cached)
+  assert "fisher: " in log and "pre losses:" in log, log
   summary = json.load(open(os.path.join(workdir, "attribution", "summary.json")))
   assert summary["summary"]["num_queries"] == len(queries) - 1
   assert set(summary["summary"]["mean_recall@10"]) == {"abu", "pixel"}
+  log = _run("launch.attribute", workdir, cached)
+  assert "reusing" in log and "pre losses:" not in log, log
+  assert "used other AbU settings" in log, log
   # Other sweep settings: the shared pre losses cannot serve, so they are recomputed (not an
   # error asking the user to delete a file), and so are the results.
-  log = _run("launch.attribute", workdir, "--config.attribution.preconditioner=fisher",
+  log = _run("launch.attribute", workdir, "--config.attribution.preconditioner=fisher", cached,
              "--config.attribution.sweep.timesteps=(0, 400, 800, 800)")
   assert "holds other settings; recomputing" in log and "pre losses:" in log, log
   assert "used other AbU settings" in log, log

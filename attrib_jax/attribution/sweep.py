@@ -65,7 +65,12 @@ forced "paired" difference gives Spearman 0.56, AP 0.64 (hence the refusal).
 On a trained model the truncation is larger: on the tiny default (runs/tiny_r10, 1,000 items,
 α = 0.01) "jvp" ranks with Spearman 0.93-0.98 against "cached" for AbU's step and 0.985-0.996
 for AbU+'s, the same at "highest" and "default" precision on an H200
-(`benchmarks/abu_accelerator.py`): choose it for speed where the step is small, not by default.
+(`benchmarks/abu_accelerator.py`). With the tiny default's Min-SNR-weighted EK-FAC and light
+damping the step is larger, and there the exact finite step ranked worse: the network's own
+curvature along the step made a few sensitive items rise most for unrelated queries. "jvp"
+scores the step through the network linearised at θ0 (the d² term keeps the loss's own
+curvature), and configs/tiny.py uses it (Recall@10 of the planted concepts 0.80 -> 0.98; see
+there). SPEC's MSCOCO setting stays "paired"/"cached", the exact change.
 
 Layout invariance: the network is called on `items_per_forward` items' slots at a time (default
 one item: F·K·T slots), so every slot is computed by the same shapes whatever the device count,
