@@ -122,10 +122,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # loss, so the Fisher and the EK-FAC factors weigh each example by its timestep's training
   # weight (min_snr_gamma below; the curvature of the objective the model minimised). Measured
   # on runs/tiny_r10 with the sweep below: AbU+ Recall@10 0.79 -> 0.80 on the 10 demo queries
-  # (0.77 -> 0.77 on 20 held-out ones), AbU with the diagonal Fisher 0.16 -> 0.69 (held out:
-  # 0.20 -> 0.26: it does not carry over). The query
-  # gradient stays SPEC's plain mean: weighting it too fell to 0.67 (0.54 with plain factors):
-  # the prompt's influence on the K/V weights shows at the noisy timesteps the weights discount.
+  # (0.77 -> 0.77 on 20 held-out ones; with the "jvp" sweep below 0.83 -> 0.98 on the demo's),
+  # AbU with the diagonal Fisher 0.16 -> 0.69 (held out 0.20 -> 0.26: it does not carry over;
+  # 0.35 / 0.27 with "jvp"). The query gradient stays SPEC's plain mean: weighting it too fell
+  # to 0.67 (0.54 with plain factors): the prompt's hold on the K/V weights shows at the noisy
+  # timesteps the weights discount.
   ekfac_fisher_gamma = c.train.min_snr_gamma or None
   c.attribution = ml_collections.ConfigDict(dict(
       preconditioner="ekfac",
