@@ -449,12 +449,15 @@ def sweep(apply_fn: Callable, params_before: Mapping[str, Any],
   caption_mask = np.arange(num_k)[None, :] < real[:, None]   # [n, K]
 
   method = settings.method
+  rep = parallel.replicated(mesh)
+  # θ0 on the mesh once: the change detection compares there, the programs read it there.
+  params_d = jax.device_put(params_before, rep)
   if params_after is None:
     if method == "cached":
       raise ValueError("a pre-only sweep (params_after=None) computes, not reuses, pre losses")
     mode, changed = "pre", {}
   else:
-    paths = _changed_leaves(params_before, params_after)
+    paths = _changed_leaves(params_d, params_after)
     flat_after = traverse_util.flatten_dict(params_after)
     if method == "jvp":
       flat_before = traverse_util.flatten_dict(params_before)
@@ -518,8 +521,7 @@ def sweep(apply_fn: Callable, params_before: Mapping[str, Any],
   program = _sweep_program(apply_fn, mesh, tuple(settings.timesteps), tuple(settings.flips),
                            num_k, mode, forward, settings.matmul_precision,
                            settings.noise == "per_item")
-  rep = parallel.replicated(mesh)
-  params_d, changed_d, schedule_d = jax.device_put((params_before, changed, schedule), rep)
+  changed_d, schedule_d = jax.device_put((changed, schedule), rep)
   seed = jax.device_put(np.uint32(settings.seed), rep)
   flips = slice(settings.flips[0], settings.flips[-1] + 1)
   meter = scores_lib.ProgressMeter("sweep", n, "items", start=done)
