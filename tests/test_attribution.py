@@ -246,14 +246,14 @@ def test_fisher_equals_float64_per_example_gradients(world, tmp_path):
 
 # --------------------------------------------------------------------------- unlearn ---
 
-def test_unlearning_step_equals_its_closed_form(world):
-  params, fisher = world["params"], world["fisher"]
-  x0, text = world["query"]
-  t, noise = unlearn_lib.query_draws(UNLEARN.seed, 0, UNLEARN, LATENT, 1000)
-  for b in range(UNLEARN.num_draws // UNLEARN.draws_per_batch):  # distinct within a batch
-    assert np.unique(t[b * 20:(b + 1) * 20]).size == 20
+def query_gradient64(params, x0, text, settings):
+  """ḡ in float64 over the step's draws (`unlearn.query_draws`), each draw's loss weighed by
+  its Min-SNR weight when `settings.min_snr_gamma` is set: (timesteps, {path: gradient})."""
+  t, noise = unlearn_lib.query_draws(settings.seed, 0, settings, LATENT, 1000)
   ab = np.asarray(SCHEDULE.alphas_cumprod, np.float64)[t][:, None, None, None]
   x_t = np.sqrt(ab) * x0 + np.sqrt(1 - ab) * np.asarray(noise, np.float64)
+  w = (np.ones(t.shape) if settings.min_snr_gamma is None
+       else min_snr_weights64(t, settings.min_snr_gamma))
   with jax.enable_x64(True):
     apply64 = make_apply(jnp.float64)
     selected, rest = selection.split(to64(params), selection.select(params))
@@ -261,8 +261,17 @@ def test_unlearning_step_equals_its_closed_form(world):
     def mean_loss(sel):
       out = apply64(selection.merge(sel, rest), x_t, t, np.broadcast_to(
           text.astype(np.float64), (t.size,) + text.shape))
-      return jnp.mean(jnp.square(out - np.asarray(noise, np.float64)))
-    g64 = {p: np.asarray(v) for p, v in jax.jit(jax.grad(mean_loss))(selected).items()}
+      per_draw = jnp.mean(jnp.square(out - np.asarray(noise, np.float64)), axis=(1, 2, 3))
+      return jnp.mean(w * per_draw)
+    return t, {p: np.asarray(v) for p, v in jax.jit(jax.grad(mean_loss))(selected).items()}
+
+
+def test_unlearning_step_equals_its_closed_form(world):
+  params, fisher = world["params"], world["fisher"]
+  x0, text = world["query"]
+  t, g64 = query_gradient64(params, x0, text, UNLEARN)
+  for b in range(UNLEARN.num_draws // UNLEARN.draws_per_batch):  # distinct within a batch
+    assert np.unique(t[b * 20:(b + 1) * 20]).size == 20
   after = traverse_util.flatten_dict(world["after"])
   before = traverse_util.flatten_dict(params)
   for p, g in g64.items():
@@ -308,20 +317,7 @@ def test_min_snr_weighted_fisher_and_query_gradient_equal_float64(world):
                                                                       min_snr_gamma=None))
 
   unlearn = dataclasses.replace(UNLEARN, min_snr_gamma=5.0)
-  t, noise = unlearn_lib.query_draws(unlearn.seed, 0, unlearn, LATENT, 1000)
-  ab = np.asarray(SCHEDULE.alphas_cumprod, np.float64)[t][:, None, None, None]
-  x_t = np.sqrt(ab) * x0 + np.sqrt(1 - ab) * np.asarray(noise, np.float64)
-  w = min_snr_weights64(t, 5.0)
-  with jax.enable_x64(True):
-    apply64 = make_apply(jnp.float64)
-    selected, rest = selection.split(to64(params), selection.select(params))
-
-    def weighted_mean_loss(sel):
-      out = apply64(selection.merge(sel, rest), x_t, t, np.broadcast_to(
-          text.astype(np.float64), (t.size,) + text.shape))
-      per_draw = jnp.mean(jnp.square(out - np.asarray(noise, np.float64)), axis=(1, 2, 3))
-      return jnp.mean(w * per_draw)
-    g64 = {p: np.asarray(v) for p, v in jax.jit(jax.grad(weighted_mean_loss))(selected).items()}
+  _, g64 = query_gradient64(params, x0, text, unlearn)
   for mesh in (parallel.make_mesh(8), parallel.make_mesh(1)):
     g = unlearn_lib.query_gradient(APPLY, params, x0, text, SCHEDULE, mesh=mesh,
                                    settings=unlearn)
