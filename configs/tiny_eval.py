@@ -95,7 +95,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # launch/evaluate.py's block (see its docstring for every key).
   c.evaluation = ml_collections.ConfigDict(dict(
-      methods=("abu", "abu+", "pixel", "features", "trak", "d-trak", "random"),
+      # caption and caption-words never look at an image: the text-only floor.
+      methods=("abu", "abu+", "pixel", "features", "trak", "d-trak", "caption",
+               "caption-words", "random"),
       method_configs={},
       ks=(2, 3) if smoke else (6, 12), k_fractions=(), random_draws=3, random_seed=0,
       loss=dict(timestep_stride=5, num_draws=1, seed=0, batch_size=100),

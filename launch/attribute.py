@@ -67,10 +67,13 @@ def main(argv):
                    cache_dir=cache_dir,
                    mesh=parallel.make_mesh(_NUM_DEVICES.value or None), log=common.log)
   images_of = lambda indices: source.get_items(np.asarray(indices))[0]
-  # Pixel-space nearest neighbours, reported beside AbU (the paper's weakest real baseline).
-  context = baselines.Context(arrays=arrays, images=images_of(abu.index))
-  pixel = baselines.make_method("pixel")
-  baselines_to_report = {"pixel": lambda q: pixel.score(q, context)}
+  # Reported beside AbU: pixel-space nearest neighbours (the papers' weakest real baseline) and
+  # the two text-only baselines, which show how much of a benchmark caption lookup solves.
+  _, captions, _ = source.get_items(np.asarray(abu.index))
+  context = baselines.Context(arrays=arrays, images=images_of(abu.index), captions=captions)
+  baselines_to_report = {
+      name: (lambda q, method=baselines.make_method(name): method.score(q, context))
+      for name in ("pixel", "caption", "caption-words")}
   summary = runner.attribute_queries(abu, query_dirs, images_of,
                                      top_k=config.attribution_top_k,
                                      baselines=baselines_to_report)

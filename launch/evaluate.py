@@ -89,8 +89,9 @@ def _scorers(config, settings, pipe, apply_fn, arrays, source, base_fp, out_dir,
   encode = lambda x: np.asarray(pipeline_lib.images_to_latents(
       x, vae=pipe.vae, vae_params=pipe.vae_params, pixel_patch=pipe.pixel_patch,
       key=jax.random.key(0)))
+  captions = lambda rows: source.get_items(index[np.asarray(rows)])[1]
   context = baselines.Context(
-      arrays=arrays, images=images, apply_fn=apply_fn, params=pipe.unet_params,
+      arrays=arrays, images=images, captions=captions, apply_fn=apply_fn, params=pipe.unet_params,
       schedule=pipe.schedule, mesh=mesh, module=pipe.unet, encode_images=encode,
       cache_dir=os.path.join(out_dir, "baseline_cache"),
       progress=lambda p: common.log(str(p)))

@@ -363,3 +363,71 @@ def test_dtrak_output_norm_and_selection_match_numpy(world, tmp_path):
   again = make_context(world, cache_dir=str(tmp_path))
   again.apply_fn = broken
   np.testing.assert_array_equal(method.training_features(again), phi)
+
+
+# --------------------------------------------------------------------- text only ---
+
+CAPTIONS = [["a red circle"], ["a blue square", "a small blue square on the left"],
+            ["a rainbow", "a rainbow on black"], ["a red square"], ["a green moon", "the moon"]]
+
+
+@pytest.mark.parametrize("pooling", ["flat", "mean"])
+def test_caption_cosine_matches_numpy(world, pooling):
+  arrays = world["arrays"]
+  states = arrays["text_states"].astype(np.float64)
+  pooled = states.reshape(N, K, -1) if pooling == "flat" else states.mean(axis=2)
+  valid = np.arange(K)[None] < arrays["num_captions"][:, None]
+  method = baselines.make_method("caption", pooling=pooling)
+  context = baselines.Context(arrays=arrays)
+  for query in world["queries"]:
+    q = query.text_states.astype(np.float64)
+    q = q.reshape(-1) if pooling == "flat" else q.mean(axis=0)
+    cos = pooled @ q / (np.linalg.norm(pooled, axis=-1) * np.linalg.norm(q))
+    expected = np.where(valid, cos, -np.inf).max(axis=1)
+    np.testing.assert_allclose(method.score(query, context), expected, rtol=1e-6, atol=1e-7)
+  # Query 1's states are item 2's first caption: a perfect match, whatever the padding rows say.
+  assert np.argmax(method.score(world["queries"][1], context)) == 2
+  with pytest.raises(ValueError, match="pooling"):
+    baselines.make_method("caption", pooling="max")
+
+
+def _bm25_reference(prompt, captions, k1=1.2, b=0.75):
+  """Okapi BM25 written out per term, in float64, max over each item's captions."""
+  docs = [c.lower().split() for item in captions for c in item]
+  n, avg = len(docs), sum(map(len, docs)) / len(docs)
+  out = []
+  for item in captions:
+    best = 0.0
+    for caption in item:
+      doc = caption.lower().split()
+      total = 0.0
+      for term in set(prompt.lower().split()):
+        df = sum(term in d for d in docs)
+        idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
+        tf = doc.count(term)
+        total += idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * len(doc) / avg))
+      best = max(best, total)
+    out.append(best)
+  return np.array(out)
+
+
+def test_caption_words_bm25(world):
+  context = baselines.Context(arrays=world["arrays"], captions=CAPTIONS)
+  method = baselines.make_method("caption-words")
+  for prompt in ("a rainbow on the left", "blue square", "the moon is green", "zebra"):
+    query = world["queries"][0]._replace(info={"prompt": prompt})
+    np.testing.assert_allclose(method.score(query, context),
+                               _bm25_reference(prompt, CAPTIONS), rtol=1e-12)
+  query = world["queries"][0]._replace(info={"prompt": "a rainbow"})
+  assert int(np.argmax(method.score(query, context))) == 2
+  # A getter works like a list, and the captions and the prompt are required, by name.
+  getter = baselines.Context(arrays=world["arrays"],
+                             captions=lambda rows: [CAPTIONS[r] for r in rows])
+  np.testing.assert_array_equal(method.score(query, getter), method.score(query, context))
+  with pytest.raises(ValueError, match="training captions"):
+    method.score(query, baselines.Context(arrays=world["arrays"]))
+  with pytest.raises(ValueError, match="no prompt"):
+    method.score(query._replace(info={}), context)
+  with pytest.raises(ValueError, match=r"rows \[1\] have no captions"):
+    method.score(query, baselines.Context(
+        arrays=world["arrays"], captions=[["x"], [], ["y"], ["z"], ["w"]]))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import os
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 
@@ -30,6 +30,8 @@ from attrib_jax.attribution import scores as scores_lib
 
 # images getter: rows (positions in `arrays`) -> uint8 [n, H, W, 3]
 ImageSource = np.ndarray | Callable[[np.ndarray], np.ndarray]
+# captions getter: rows -> one list of caption strings per row
+CaptionSource = Sequence[Sequence[str]] | Callable[[np.ndarray], Sequence[Sequence[str]]]
 
 
 @dataclasses.dataclass(eq=False)
@@ -52,6 +54,8 @@ class Context:
     encode_images: uint8 images [n, H, W, 3] -> the model's input [n, h, w, c] (the VAE
       encoder, or the pixel codec's space-to-depth), for extractors that run the model on
       images; None means the pixels in [-1, 1] unchanged (a pixel-space model with no codec).
+    captions: the training captions, one list of strings per row, or a getter
+      `rows -> lists`, for the text-only baselines.
     cache_dir: where methods may persist per-model precomputations (None: memory only).
     progress: optional callback receiving `attribution.scores.Progress` during long passes.
     cache: the in-memory cache (filled by `cached`).
@@ -64,6 +68,7 @@ class Context:
   mesh: Any = None
   module: Any = None
   encode_images: Callable[[np.ndarray], Any] | None = None
+  captions: CaptionSource | None = None
   cache_dir: str | None = None
   progress: Callable[[scores_lib.Progress], None] | None = None
   cache: dict = dataclasses.field(default_factory=dict)
@@ -91,6 +96,19 @@ class Context:
     if images.shape[0] != rows.size:
       raise ValueError(f"asked for {rows.size} training images, got {images.shape[0]}")
     return images
+
+  def item_captions(self, rows: np.ndarray) -> list[list[str]]:
+    """The caption strings of the given rows (positions in `arrays`)."""
+    if self.captions is None:
+      raise ValueError("this method needs the training captions (context.captions)")
+    rows = np.asarray(rows)
+    if callable(self.captions):
+      out = [list(c) for c in self.captions(rows)]
+    else:
+      out = [list(self.captions[int(r)]) for r in rows]
+    if len(out) != rows.size:
+      raise ValueError(f"asked for the captions of {rows.size} items, got {len(out)}")
+    return out
 
   def data_digest(self) -> str:
     """Digest of which items (and in which order) the arrays hold."""
