@@ -5,80 +5,31 @@ first K real captions, timesteps {0, 50, ..., 950} by default. The noise of a sl
 
     normal(fold_in(fold_in(fold_in(fold_in(key(seed), index), flip), caption), timestep))
 
-with `index` the item's stable dataset index and `timestep` its value: the two passes, any batch
-size, any device count and any subset of items see identical noise (common random numbers), and
-pre-unlearning losses computed once can be reused for every query and subset. With
-`noise="shared"` the index is left out of the key (0 in its place): every item sees the same
-noise at a given slot, so duplicates score alike (measured on the tiny world's exemplar
-concepts: five near-copies spread over ranks 78-989 of 1,000 with per-item noise, 115-198
-with shared noise; the mean rank of the ground truth did not change).
+with `index` the item's stable dataset index: the two passes, any batch size, device count or
+subset of items see identical noise, so pre losses computed once serve every query and subset.
+`noise="shared"` keys by 0 instead of the index (every item sees the same noise at a slot).
+A timestep listed again is another noise draw there (its d-th repeat keyed by one more
+`fold_in(..., d)`; the first keeps the key above). Draws of a timestep are averaged, then the
+distinct timesteps (each weighing the same, or by the training's Min-SNR-γ weight when
+`min_snr_gamma` is set), then the item's real captions (fewer than K are masked), in float64
+on the host.
 
-Per (item, flip) the slot values are averaged over timesteps, then over the item's real captions
-(items with fewer than K captions are masked), in float64 on the host.
+Numerics. The change is never formed from two averaged losses:
+  "paired" (default): θ0 and θ' in one call on the same slots; per slot, with d = ε' − ε and
+    r = ε − target, L' − L = mean(d · (d + 2r)) in float32 (error relative to d, not to L).
+  "cached": pre losses from `compute_pre_losses` (same keyed noise); only θ' runs; L' − L per
+    slot in float32.
+  "jvp": d = ∂ε/∂θ · Δθ by `jax.jvp` (the network linearised at θ0), then mean(d · (d + 2r)).
+A network that multiplies in bf16/f16 (read from its jaxpr) is refused by "paired" and
+"cached", and they trace the network under `jax.default_matmul_precision("highest")`; only
+"jvp" may take `matmul_precision="default"`.
 
-More noise draws where the noise is. A timestep may be listed more than once: its d-th repeat
-(d ≥ 1) is another noise draw at that timestep, keyed by one more `fold_in(..., d)` (the first
-occurrence keeps the key above, so caches of settings without repeats stay valid). The draws of a
-timestep are averaged first and every distinct timestep then weighs the same, so the repeats
-estimate the same τ (the mean over the distinct timesteps) with less variance where they are put.
-Why: the noise of a slot's change grows steeply with t. On the tiny default (runs/tiny_r10,
-AbU+ for rare_star_1, 200 items, 4 sweep seeds) its spread across seeds was 7e-8 at t = 0, 2e-6 to
-1.6e-5 at t = 100-600, and 3.6e-5 / 6.3e-5 / 2.1e-4 at t = 700 / 800 / 900: the last three
-carry ~99 % of the variance of a uniform one-draw-per-timestep τ, while t ≤ 100 ranks the items
-with a seed-to-seed Spearman of 0.75-1.0. Draws roughly in proportion to that spread (Neyman
-allocation; configs/tiny.py: 8 at 900, 3 at 800, 2 at 700, 20 slots for 10 timesteps) have, by
-these spreads, 1/6 of the variance of one draw each, as much as 6x the uniform draws would; the
-measured seed-to-seed Spearman of the 10 demo queries' τ rose from 0.61 to 0.82.
-
-Which loss. By default every distinct timestep weighs the same, the loss of SPEC's reference
-(an ε-prediction model trained on the plain mean). A model trained with Min-SNR-γ weights
-(`diffusion.loss.min_snr_weights`) was fitted to another average over timesteps; with
-`min_snr_gamma=γ`, τ weighs each timestep by that same weight, so it measures the rise of the
-loss the model was trained on. On the tiny default (x0 target, γ = 5: t ≤ 200 weigh 5, t = 900
-0.024) AbU+'s Recall@10 on the demo's 10 rare queries rose from 0.66 to 0.79 at one draw per
-timestep; the noisy end that dominated the uniform τ's variance now weighs little, so one draw
-per timestep does.
-
-Numerics (SPEC §6: the deltas are ~1e-3 of the loss and below). The difference is never formed
-from two averaged losses. Methods:
-  "paired" (default): θ0 and θ' run in the same jitted call on the same slots, and the change is
-    formed per slot from the *predictions*: with d = ε' − ε and r = ε − target,
-    L' − L = mean(d · (d + 2r)), exactly, in float32. Its error is relative to d (the forward
-    passes' own rounding), not to L: no cancellation of two nearly equal losses.
-  "cached": the pre losses come from a cache (`compute_pre_losses`, same keyed noise); only θ'
-    runs and the change is L' − L per slot in float32. Half the cost; the per-slot subtraction
-    loses ~1e-7·L absolute, fine at float32 (measured in the tests), not at bf16.
-  "jvp": the first-order change of the prediction along Δθ = θ' − θ0 (exact in float32 for a
-    small step), d = ∂ε/∂θ · Δθ by `jax.jvp`, then mean(d · (d + 2r)). Relative precision
-    of d is the compute dtype's, so it is the only method allowed with a bf16 network.
-A network that multiplies in bf16/f16 (found by inspecting its jaxpr) is refused by "paired"
-and "cached": bf16 resolves ~4e-3 relative, coarser than the deltas themselves. For the same
-reason the sweep traces the network under `jax.default_matmul_precision("highest")`: float32
-matmuls and convolutions at their *default* precision run as TF32 on recent NVIDIA GPUs and as
-one bf16 pass on TPUs (~5e-4 and ~4e-3 relative). "jvp" may use `matmul_precision="default"`
-for speed; the others refuse it. On CPU both are exact float32.
-
-Measured on the tests' micro denoiser, 400 items, deltas 7.8e-4 of the loss, against float64:
-"paired" max error 1.4e-5 of max|τ| (Spearman 1.000000), "cached" 3.0e-5, "jvp" 2.0e-2 (its
-first-order truncation; Spearman 0.99998); a bf16 network: "jvp" AP(top-100) 0.9999, while a
-forced "paired" difference gives Spearman 0.56, AP 0.64 (hence the refusal).
-On a trained model the truncation is larger: on the tiny default (runs/tiny_r10, 1,000 items,
-α = 0.01) "jvp" ranks with Spearman 0.93-0.98 against "cached" for AbU's step and 0.985-0.996
-for AbU+'s, the same at "highest" and "default" precision on an H200
-(`benchmarks/abu_accelerator.py`). With the tiny default's Min-SNR-weighted EK-FAC and light
-damping the step is larger, and there the exact finite step ranked worse: the network's own
-curvature along the step made a few sensitive items rise most for unrelated queries. "jvp"
-scores the step through the network linearised at θ0 (the d² term keeps the loss's own
-curvature), and configs/tiny.py uses it (Recall@10 of the planted concepts 0.80 -> 0.98; see
-there). SPEC's MSCOCO setting stays "paired"/"cached", the exact change.
-
-Layout invariance: the network is called on `items_per_forward` items' slots at a time (default
-one item: F·K·T slots), so every slot is computed by the same shapes whatever the device count,
-`items_per_device`, subset or resume point, and the results are bitwise identical across them
-(tested). Only `items_per_forward` may change the float32 rounding.
-
-Long sweeps: results are written atomically to `checkpoint_path` every `checkpoint_every`
-batches and a rerun resumes from the items done (with any batch size or device count).
+Invariants: every slot is computed by the same shapes (`items_per_forward` items per network
+call) whatever the device count, `items_per_device`, subset or resume point, so results are
+bitwise identical across them (tested); only `items_per_forward` may change float32 rounding.
+With `checkpoint_path`, results are written atomically every `checkpoint_every` batches and a
+rerun resumes from the items done. Why it is built this way, with measurements:
+docs/design/sweep.md.
 """
 from __future__ import annotations
 
