@@ -1,4 +1,4 @@
-r"""The tiny world sized for the counterfactual evaluation (issue 6): an hour on 2 CPU cores.
+r"""The tiny world sized for the counterfactual evaluation: about an hour on 2 CPU cores.
 
   python -m launch.train --config=configs/tiny_eval.py --workdir=runs/eval       # ~1 min
   python -m launch.generate --config=configs/tiny_eval.py --workdir=runs/eval    # ~20 s
@@ -10,23 +10,12 @@ r"""The tiny world sized for the counterfactual evaluation (issue 6): an hour on
   # seconds-long variant (tests):
   python -m launch.train --config=configs/tiny_eval.py:smoke --workdir=/tmp/eval_smoke
 
-Why smaller than configs/tiny.py. The evaluation retrains the model from scratch once per
-(query, method, K) cell whose top-K no other cell shares, once per random draw and K, and once
-per LDS subset: with 15 queries, 2 K, 6 ranked methods, 3 random draws and 5 LDS subsets, up to
-15·2·6 + 3·2 + 5 = 191 retrainings (the measured run needed 188: 53 min 32 s for all four
-commands). The default tiny model trains for about 7 minutes; here a retraining takes ~28 s in
-a one-core worker process, two at a time on 2 cores (evaluation.retrain_workers; ~14 s of wall
-time per model). So: 256 items instead of 1,000 (the 5 planted rare concepts kept, 4 items
-each), a two-level UNet of 32/64 channels instead of three levels of 24/48/48, and 500 steps of
-16 instead of 13,000 at a higher peak rate (cosine decay; no EMA, which would average in the
-early weights of so short a run). The image side (32 px through the 4x4 pixel codec, x0 target,
-cosine noise schedule) and everything else not overridden below come from configs/tiny.py.
-
-The queries are the rare-concept prompts only (3 per concept, 15 in all): they carry ground
-truth (each concept's 4 items). With 2 per concept AbU beat random by 1.7 s.e. at K = 6 (the
-per-query ΔL varies by more than the retraining noise); 3 per concept is what fits the hour.
-K = 6 and 12 are 2.3 % and 4.7 % of N: the removal effect grows with K while the retraining
-noise (about 1.2e-3 in a query's ΔL) does not.
+Smaller than configs/tiny.py because the evaluation retrains the model from scratch up to
+~190 times (per query, method and K; per random draw; per LDS subset): 256 items with the 5
+rare concepts at 4 items each, a two-level 32/64 UNet, 500 steps of 16 (~28 s per retraining
+in a one-core worker). Everything not overridden below comes from configs/tiny.py. Queries are
+the rare-concept prompts only (3 per concept): they carry ground truth. The measured table and
+why 15 queries: docs/experiments.md section 3.
 """
 import ml_collections
 
@@ -74,19 +63,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         warmup_steps=20, ema_decay=None, min_snr_gamma=5.0,
         checkpoint_every=500, log_every=100, sample_every=500))
 
-  # The guidance the evaluation's table was measured with (configs/tiny.py moved to 2.0 later,
-  # for its own model).
+  # The guidance the evaluation's table was measured with.
   c.generate.guidance_scale = 3.0
   c.generate.queries_per_rare_concept = 1 if smoke else 3
   c.generate.num_common_queries = 1 if smoke else 0
 
-  # AbU and AbU+: configs/tiny.py's settings (launch.attribute runs its default, AbU+). On 256
-  # items a query takes ~8 s (unlearn 3 s, sweep 5 s) after the factors and the pre losses
-  # (once); the evaluation reuses those results and computes the other method's itself.
-
-  # The attribution of the evaluation's table: one sweep draw per timestep, every timestep
-  # weighing the same in τ, the Fisher and the EK-FAC factors, τ from the exact finite step
-  # (configs/tiny.py later moved its own model to the training's Min-SNR weights and "jvp").
+  # The attribution the evaluation's table measured: one draw per timestep, unweighted τ,
+  # Fisher and EK-FAC, the exact finite step ("cached"), not configs/tiny.py's later settings.
   c.attribution.sweep.timesteps = tuple(range(0, 1000, 200 if smoke else 100))
   c.attribution.sweep.min_snr_gamma = None
   c.attribution.sweep.method = "cached"

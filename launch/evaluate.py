@@ -1,6 +1,6 @@
 r"""Counterfactual evaluation of every attribution method: leave-K-out retraining and LDS.
 
-  python -m launch.evaluate --config=configs/tiny_eval.py --workdir=runs/eval  # issue 6's run
+  python -m launch.evaluate --config=configs/tiny_eval.py --workdir=runs/eval  # docs/experiments.md §3
   python -m launch.evaluate --config=configs/tiny.py --workdir=runs/tiny
   python -m launch.evaluate --config=configs/tiny.py:smoke --workdir=/tmp/smoke   # seconds-long
   python -m launch.evaluate --config=configs/tiny.py --workdir=runs/tiny \

@@ -86,12 +86,9 @@ RARE_STYLES = ("varied", "exemplar", "named")
 # Geometry, in fractions of the image side. Two-object scenes shrink objects and push them
 # apart so that they never touch.
 _OFFSETS = {"left": (-1, 0), "right": (1, 0), "top": (0, -1), "bottom": (0, 1), "center": (0, 0)}
-# Objects are large on purpose: a 0.84M-parameter model drawing at 8x8 latent cells (32 px
-# through the 4x4 pixel codec) got the shape of small objects (radius 0.14, 2 cells across)
-# right on 22 % of fresh prompts and of large ones (0.24) on 75 %. Same recipe, colour and
-# shape together: 52 % with radii 0.14 / 0.24, 78-89 % with 0.21 / 0.30, 87 % with
-# 0.24 / 0.32 (measured; 100 fresh prompts each). Single objects sit 0.17 from the centre so
-# that a large one stays inside the image.
+# Objects are large on purpose: at 8x8 latent cells a small object must span several cells for
+# the tiny model to draw its shape legibly (docs/experiments.md §1). Single objects sit 0.17 from
+# the centre so that a large one stays inside the image.
 _SINGLE_OFFSET, _PAIR_OFFSET = 0.17, 0.25
 OBJECT_RADIUS = {"small": 0.24, "large": 0.32}
 PAIR_SCALE = 0.65
