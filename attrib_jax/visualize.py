@@ -7,6 +7,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from attrib_jax import io_utils
+
 
 def image_grid(images: np.ndarray, labels: Sequence[str] | None = None, *, columns: int = 8,
                scale: int = 4, label_height: int = 12) -> Image.Image:
@@ -30,10 +32,7 @@ def image_grid(images: np.ndarray, labels: Sequence[str] | None = None, *, colum
 
 def save_png(path: str, image: Image.Image) -> None:
   """Atomic: a reader never sees half a file."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  image.save(tmp, format="PNG")
-  os.replace(tmp, path)
+  io_utils.atomic_save_image(path, image)
 
 
 def save_image_grid(path: str, images: np.ndarray, labels: Sequence[str] | None = None,

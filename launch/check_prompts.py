@@ -14,6 +14,7 @@ from absl import flags
 import numpy as np
 from ml_collections import config_flags
 
+from attrib_jax import io_utils
 from attrib_jax import visualize
 from attrib_jax.data import tiny_world_detector
 from attrib_jax.evaluation import prompt_following
@@ -61,10 +62,8 @@ def main(argv):
                             np.stack([q.image for q in queries]), labels, columns=10, scale=4)
   result = {"detector_on_real": real, "generated": generated, "num_prompts": len(scenes),
             "prompts": [q.info["prompt"] for q in queries], "read": labels}
-  tmp = os.path.join(workdir, "prompt_check.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(result, f, indent=2)
-  os.replace(tmp, os.path.join(workdir, "prompt_check.json"))
+  io_utils.atomic_write_json(os.path.join(workdir, "prompt_check.json"), result,
+                             sort_keys=False)
   common.log(f"check_prompts: {os.path.join(workdir, 'prompt_check.png')}")
 
 

@@ -239,8 +239,14 @@ def compute_fisher(apply_fn: Callable, params: Mapping[str, Any], arrays: Mappin
       if str(ckpt["fingerprint"]) != fingerprint:
         raise ValueError(f"{checkpoint_path} is a Fisher checkpoint of other settings or model;"
                          " delete it or use another path")
-      start = int(ckpt["batches_done"])
+      if "examples_done" not in ckpt:
+        raise ValueError(f"{checkpoint_path} counts batches, not examples (an older format): "
+                         "it cannot be resumed under another batch size; delete it")
+      # Examples, not batches: a resume with another batch size or device count continues
+      # at the first example not yet summed (the draws are keyed per example).
+      start = int(ckpt["examples_done"])
       host = {p: ckpt["sum/" + selection.path_name(p)] for p in selected}
+  num_batches = -(-(total - start) // batch)   # of this run
 
   step = _fisher_step(apply_fn, mesh, settings.min_snr_gamma)
   rep = parallel.replicated(mesh)
@@ -250,9 +256,9 @@ def compute_fisher(apply_fn: Callable, params: Mapping[str, Any], arrays: Mappin
   zeros = lambda: jax.device_put({p: np.zeros(v.shape, np.float32) for p, v in host.items()},
                                  rep)
   acc, comp = zeros(), zeros()
-  meter = scores_lib.ProgressMeter("fisher", total, "examples", start=min(start * batch, total))
+  meter = scores_lib.ProgressMeter("fisher", total, "examples", start=start)
 
-  def flush(done_batches: int):
+  def flush(examples_done: int):
     nonlocal acc, comp
     a, c = jax.device_get((acc, comp))
     for p in host:
@@ -260,11 +266,11 @@ def compute_fisher(apply_fn: Callable, params: Mapping[str, Any], arrays: Mappin
     acc, comp = zeros(), zeros()
     if checkpoint_path:
       scores_lib.atomic_savez(checkpoint_path, fingerprint=np.asarray(fingerprint),
-                              batches_done=np.asarray(done_batches),
+                              examples_done=np.asarray(examples_done),
                               **{"sum/" + selection.path_name(p): v for p, v in host.items()})
 
-  for b in range(start, num_batches):
-    ids = np.arange(b * batch, min((b + 1) * batch, total))
+  for b in range(num_batches):
+    ids = np.arange(start + b * batch, min(start + (b + 1) * batch, total))
     epoch, within = np.divmod(ids, per_epoch)
     pos, flip = np.divmod(within, 2)
     valid = np.ones(batch, np.float32)
@@ -283,9 +289,9 @@ def compute_fisher(apply_fn: Callable, params: Mapping[str, Any], arrays: Mappin
                      parallel.shard_batch(host_batch, mesh))
     done = b + 1
     if done % settings.flush_every == 0 or done == num_batches:
-      flush(done)
+      flush(min(start + done * batch, total))
     if progress and (done % progress_every == 0 or done == num_batches):
-      progress(meter(min(done * batch, total)))
+      progress(meter(min(start + done * batch, total)))
 
   values = {p: v / total for p, v in host.items()}
   meta = {"version": FISHER_VERSION, "fingerprint": fingerprint, "num_examples": total,

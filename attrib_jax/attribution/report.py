@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from attrib_jax import io_utils
 from attrib_jax import visualize
 
 
@@ -68,7 +69,4 @@ def write_report(path: str, entries: Sequence[dict[str, Any]], summary: dict[str
           f"{summary['num_with_ground_truth']} with ground truth: {html.escape(means)}. "
           f"Mean time per query {summary['mean_seconds_per_query']:.1f}s. Blue frame: the "
           "query; green frames: its known influential training images.</p>" + "".join(rows))
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(page)
-  os.replace(tmp, path)
+  io_utils.atomic_write_text(path, page)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import time
@@ -21,6 +20,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import jax
 import numpy as np
 from flax import traverse_util
+
+from attrib_jax import io_utils
 
 RESULT_VERSION = 1
 
@@ -49,26 +50,9 @@ def settings_digest(obj: Any) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def atomic_savez(path: str, **arrays: np.ndarray) -> None:
-  """np.savez to `path` via a temporary file and `os.replace` (atomic on POSIX)."""
-  buffer = io.BytesIO()
-  np.savez(buffer, **arrays)
-  _atomic_write_bytes(path, buffer.getvalue())
-
-
-def atomic_write_json(path: str, obj: Any) -> None:
-  _atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
-
-
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+# One atomic writer for the whole project (io_utils); these names are the attribution stages'.
+atomic_savez = io_utils.atomic_savez
+atomic_write_json = io_utils.atomic_write_json
 
 
 @dataclasses.dataclass(frozen=True)

@@ -447,6 +447,11 @@ def sweep(apply_fn: Callable, params_before: Mapping[str, Any],
   # the MSCOCO UNet, so only a checkpointed sweep pays it.
   fingerprint = checkpoint_path and scores_lib.settings_digest({
       "losses": settings.loss_definition(), "method": method,
+      # The checkpointed sums are already weighted over timesteps, and the losses depend on
+      # the schedule: both must match for a resume to add like to like.
+      "timestep_weights": timestep_weights(settings, schedule).tolist(),
+      "schedule": scores_lib.params_fingerprint({"a": schedule.alphas_cumprod}),
+      "prediction_type": schedule.prediction_type,
       "before": scores_lib.params_fingerprint(params_before),
       "after": scores_lib.params_fingerprint(params_after) if params_after is not None else "",
       "index": scores_lib.settings_digest(index.tolist()), "keep_slots": keep_slot_losses,

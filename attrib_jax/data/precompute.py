@@ -23,15 +23,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from attrib_jax import io_utils
+
 ARRAYS = ("latents", "text_states", "num_captions", "index")
 DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
-def _write_json_atomic(path: str, obj: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+_write_json_atomic = io_utils.atomic_write_json
 
 
 def precompute(out_dir: str, *, num_items: int, get_items: Callable[[np.ndarray], tuple],
@@ -88,7 +86,8 @@ def precompute(out_dir: str, *, num_items: int, get_items: Callable[[np.ndarray]
   else:
     arrays = {k: np.lib.format.open_memmap(os.path.join(out_dir, k + ".npy"), mode="w+",
                                            dtype=dtypes[k], shape=shapes[k]) for k in ARRAYS}
-    np.save(os.path.join(out_dir, "null_text_states.npy"), null_states.astype(store))
+    io_utils.atomic_save_npy(os.path.join(out_dir, "null_text_states.npy"),
+                             null_states.astype(store))
     manifest = {"fingerprint": fingerprint, "rows_done": 0,
                 "shapes": {k: list(v) for k, v in shapes.items()}}
     _write_json_atomic(manifest_path, manifest)

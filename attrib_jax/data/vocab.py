@@ -14,6 +14,7 @@ import json
 import os
 from typing import Iterable
 
+from attrib_jax import io_utils
 from attrib_jax.models import tokenizer as tokenizer_lib
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -69,11 +70,11 @@ def write_tokenizer_files(directory: str, captions: Iterable[str], max_length: i
   for token in tokens:
     vocab.setdefault(token, len(vocab))
   os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, "vocab.json"), "w") as f:
-    json.dump(vocab, f, ensure_ascii=False)
-  with open(os.path.join(directory, "merges.txt"), "w") as f:
-    f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-  with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-    json.dump({"tokenizer_class": "CLIPTokenizer", "model_max_length": max_length,
-               "bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS,
-               "do_lower_case": True}, f, indent=2)
+  io_utils.atomic_write_json(os.path.join(directory, "vocab.json"), vocab, indent=None,
+                             sort_keys=False, ensure_ascii=False)
+  io_utils.atomic_write_text(os.path.join(directory, "merges.txt"),
+                             "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+  io_utils.atomic_write_json(os.path.join(directory, "tokenizer_config.json"),
+                             {"tokenizer_class": "CLIPTokenizer", "model_max_length": max_length,
+                              "bos_token": BOS, "eos_token": EOS, "unk_token": EOS,
+                              "pad_token": EOS, "do_lower_case": True}, sort_keys=False)

@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from attrib_jax import io_utils
 from attrib_jax.attribution import scores as scores_lib
 from attrib_jax.evaluation import counterfactual as cf
 from attrib_jax.evaluation import lds as lds_lib
@@ -330,17 +331,9 @@ def write_csv(path: str, table: Sequence[Mapping[str, Any]]) -> None:
   _write_text(path, buffer.getvalue())
 
 
-def _write_bytes(path: str, data: bytes) -> None:
-  """Atomically (temporary file + os.replace): a killed run never leaves a torn report."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
-def _write_text(path: str, text: str) -> None:
-  _write_bytes(path, text.encode())
+# Atomic (io_utils): a killed run never leaves a torn report.
+_write_bytes = io_utils.atomic_write_bytes
+_write_text = io_utils.atomic_write_text
 
 
 def _write_jsonl(path: str, rows: Sequence[dict]) -> None:

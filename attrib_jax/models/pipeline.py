@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attrib_jax import io_utils
 from attrib_jax.diffusion import schedules
 from attrib_jax.models import clip_text
 from attrib_jax.models import tokenizer as tokenizer_lib
@@ -93,10 +94,8 @@ def read_pixel_patch(directory: str) -> int:
 
 
 def write_pixel_patch(directory: str, patch: int) -> None:
-  tmp = os.path.join(directory, PIXEL_CODEC_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump({"patch": int(patch)}, f)
-  os.replace(tmp, os.path.join(directory, PIXEL_CODEC_FILE))
+  io_utils.atomic_write_json(os.path.join(directory, PIXEL_CODEC_FILE), {"patch": int(patch)},
+                             indent=None, sort_keys=False)
 
 
 def space_to_depth(x: jax.Array, patch: int) -> jax.Array:
@@ -139,19 +138,15 @@ def save_model_index(directory: str, *, pixel_space: bool) -> None:
            "tokenizer": ["transformers", "CLIPTokenizer"],
            "scheduler": ["diffusers", "DDPMScheduler"],
            "vae": [None, None] if pixel_space else ["diffusers", "AutoencoderKL"]}
-  tmp = os.path.join(directory, "model_index.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(index, f, indent=2)
-  os.replace(tmp, os.path.join(directory, "model_index.json"))
+  io_utils.atomic_write_json(os.path.join(directory, "model_index.json"), index,
+                             sort_keys=False)
 
 
 def save_scheduler(directory: str, scheduler_config: dict) -> None:
   os.makedirs(directory, exist_ok=True)
   schedules.NoiseSchedule.from_config(scheduler_config)  # refuse to write what we cannot read
-  tmp = os.path.join(directory, "scheduler_config.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(dict(scheduler_config), f, indent=2)
-  os.replace(tmp, os.path.join(directory, "scheduler_config.json"))
+  io_utils.atomic_write_json(os.path.join(directory, "scheduler_config.json"),
+                             dict(scheduler_config), sort_keys=False)
 
 
 def save_unet(directory: str, params: Any, config: dict) -> None:

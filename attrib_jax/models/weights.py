@@ -20,6 +20,8 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 from flax import traverse_util
 
+from attrib_jax import io_utils
+
 # Names of torch.nn.ModuleList attributes in the diffusers / transformers modules we port. Only
 # these get `name_3` <-> `name.3`; a real attribute such as `time_embedding.linear_1` keeps its
 # underscore.
@@ -171,15 +173,11 @@ def load_state_dict(directory: str | os.PathLike) -> dict[str, np.ndarray]:
 def save_component(directory: str | os.PathLike, params: Any, config: Mapping[str, Any], *,
                    weights_name: str = "diffusion_pytorch_model.safetensors") -> None:
   """Writes `config.json` + safetensors that diffusers / transformers load directly."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
   directory = os.fspath(directory)
   os.makedirs(directory, exist_ok=True)
   state = {k: v.astype(np.float32) if v.dtype.kind == "V" else v  # bfloat16 -> float32
            for k, v in to_torch_state_dict(params).items()}
-  tmp = os.path.join(directory, weights_name + ".tmp")
-  save_file(state, tmp, metadata={"format": "pt"})
-  os.replace(tmp, os.path.join(directory, weights_name))
-  tmp = os.path.join(directory, "config.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(dict(config), f, indent=2, sort_keys=True)
-  os.replace(tmp, os.path.join(directory, "config.json"))
+  io_utils.atomic_write_bytes(os.path.join(directory, weights_name),
+                              save(state, metadata={"format": "pt"}))
+  io_utils.atomic_write_json(os.path.join(directory, "config.json"), dict(config))
