@@ -5,7 +5,8 @@ r"""Generates queries from a trained model: images plus everything attribution n
 Reads workdir/model (from launch.train), writes workdir/queries/<name>/ (see
 attrib_jax/generation.py for the format) and workdir/queries/overview.png. For the tiny world,
 the queries are prompts of each planted rare concept (with their ground-truth training items)
-and prompts of fresh scenes. Existing complete queries are kept.
+and prompts of fresh scenes; for an image folder, the config's prompts or some training items'
+captions. Existing complete queries are kept.
 """
 import json
 import os
@@ -46,6 +47,21 @@ def query_plan(config, workdir: str) -> list[tuple[str, str, int, dict]]:
       scene = tiny_world.sample_scene(rng)
       plan.append((f"common_{k:03d}", tiny_world.caption_scene(scene)[0], g.seed + len(plan),
                    {"scene": scene}))
+  elif config.world.kind == "image_folder":
+    # The user's own images: the config's prompts, else the first captions of training items
+    # spread evenly over the folder (each query records which item its prompt came from).
+    for k, prompt in enumerate(g.get("prompts", ())):
+      plan.append((f"prompt{k:03d}", prompt, g.seed + k, {}))
+    if not plan and g.get("num_caption_queries", 0):
+      from attrib_jax.training import recipe  # pylint: disable=g-import-not-at-top
+      source = recipe.open_dataset(config, os.path.join(workdir, "tfds"))
+      picks = np.unique(np.linspace(0, source.num_items - 1,
+                                    min(g.num_caption_queries, source.num_items)).round()
+                        ).astype(np.int64)
+      _, captions, indices = source.get_items(picks)
+      for k, (item_captions, index) in enumerate(zip(captions, indices)):
+        plan.append((f"caption_{int(index):05d}", item_captions[0], g.seed + k,
+                     {"caption_of": int(index)}))
   return plan
 
 
@@ -58,6 +74,9 @@ def main(argv):
   plan = [q for q in query_plan(config, workdir)
           if not os.path.exists(os.path.join(root, q[0], "query.json"))]
   g = config.generate
+  if not plan and not generation.list_queries(root):
+    raise ValueError("generate: no queries to make: pass --prompt=... or set "
+                     "config.generate.prompts / num_caption_queries")
   common.log(f"generate: {len(plan)} queries to make with {g.sampler}, {g.num_steps} steps")
   if plan:
     queries = generation.generate(pipe, [p for _, p, _, _ in plan], [s for _, _, s, _ in plan],

@@ -174,6 +174,11 @@ class ImageFolderCaptions(_common.LocalFilesBuilder):
                          ) -> Iterator[tuple[int, dict[str, Any]]]:
     cfg = self.builder_config
     for index, (name, captions) in enumerate(items):
-      image = _common.load_image_bytes(os.path.join(folder, name), cfg.resolution,
-                                       cfg.image_format, cfg.jpeg_quality)
+      path = os.path.join(folder, name)
+      try:
+        image = _common.load_image_bytes(path, cfg.resolution, cfg.image_format,
+                                         cfg.jpeg_quality)
+      except (OSError, ValueError) as e:  # PIL's errors name a buffer, not the user's file
+        raise ValueError(f"{path} cannot be read as an image ({e}); fix or remove it and its "
+                         "caption") from e
       yield index, {"image": image, "index": index, "captions": captions, "file_name": name}

@@ -60,14 +60,39 @@ def _builder_class(kind: str):
   if kind == "coco2017_captions":
     from attrib_jax.data import coco  # pylint: disable=g-import-not-at-top
     return coco.Coco2017Captions
-  raise ValueError(f"config.world.kind: unknown dataset {kind!r} (tiny_world, coco2017_captions)")
+  if kind == "image_folder":
+    from attrib_jax.data import image_folder  # pylint: disable=g-import-not-at-top
+    return image_folder.ImageFolderCaptions
+  raise ValueError(f"config.world.kind: unknown dataset {kind!r} (tiny_world, "
+                   "coco2017_captions, image_folder)")
+
+
+def _folder_digest(world: ml_collections.ConfigDict) -> str:
+  """A digest of an image folder's captions and of its captioned files' sizes and times.
+
+  The folder is the user's and may change between runs under the same path: the digest names
+  the TFDS dataset and enters the fingerprints made from it, so edited captions or replaced
+  images are rebuilt instead of read stale. Raises (from `read_captions`) with the problem
+  named: no folder, no captions file, a captioned file missing, an uncaptioned image.
+  """
+  from attrib_jax.data import image_folder  # pylint: disable=g-import-not-at-top
+  if not world.get("manual_dir"):
+    raise ValueError("config.world.manual_dir: the image folder is not set (pass "
+                     "--config.world.manual_dir=path/to/images)")
+  items = image_folder.read_captions(world.manual_dir, world.get("captions_file") or None)
+  stats = [(name, os.stat(os.path.join(world.manual_dir, name))) for name, _ in items]
+  return fingerprint({"items": items, "resolution": world.resolution,
+                      "files": [(n, s.st_size, s.st_mtime_ns) for n, s in stats]})
 
 
 def dataset_version(config: ml_collections.ConfigDict) -> str:
   """The version of the config's dataset builder: part of the fingerprints of what is made from
   the data (precomputed arrays, trained models), because a generator change (e.g. the tiny
   world's geometry) can change the items while the config stays the same."""
-  return str(_builder_class(config.world.kind).VERSION)
+  version = str(_builder_class(config.world.kind).VERSION)
+  if config.world.kind == "image_folder":
+    version += "+" + _folder_digest(config.world)
+  return version
 
 
 def open_dataset(config: ml_collections.ConfigDict, data_dir: str) -> DatasetSource:
@@ -82,6 +107,16 @@ def open_dataset(config: ml_collections.ConfigDict, data_dir: str) -> DatasetSou
         **({"patterns": tuple(w.patterns)} if "patterns" in w else {}),
         **({"rare_style": w.rare_style} if "rare_style" in w else {})))
     metadata = lambda b: {"rare_concepts": tiny_world.rare_concepts_of(b)}
+  elif kind == "image_folder":
+    from attrib_jax.data import image_folder  # pylint: disable=g-import-not-at-top
+    w = config.world
+    digest = _folder_digest(w)
+    # One TFDS config per folder content (see _folder_digest), so a changed folder is rebuilt.
+    builder = builder_class(data_dir=data_dir, manual_dir=w.manual_dir,
+                            config=image_folder.ImageFolderConfig(
+                                name=f"r{w.resolution}_{digest}", resolution=w.resolution,
+                                captions_file=w.get("captions_file") or None))
+    metadata = lambda b: {"folder": os.path.abspath(w.manual_dir), "digest": digest}
   else:  # coco2017_captions
     from attrib_jax.data import coco  # pylint: disable=g-import-not-at-top
     builder = builder_class(data_dir=data_dir, config=coco.config(
@@ -122,12 +157,14 @@ def _random_text_encoder(config, model_dir: str, source: DatasetSource) -> None:
   clip_text.save_clip_text(os.path.join(model_dir, "text_encoder"), params, text_config)
 
 
-def _copy_pretrained(config, model_dir: str) -> None:
-  """Real models: the text encoder, tokenizer and VAE are the user's local files."""
-  src = config.pretrained_dir
-  for name in ("text_encoder", "tokenizer", "vae"):
+def _copy_pretrained(config, model_dir: str, field: str = "pretrained_dir",
+                     names=("text_encoder", "tokenizer", "vae")) -> None:
+  """Real models: the text encoder, tokenizer (and VAE) are the user's local files."""
+  src = config[field]
+  for name in names:
     if not os.path.isdir(os.path.join(src, name)):
-      raise FileNotFoundError(f"config.pretrained_dir={src} has no {name}/ directory")
+      raise FileNotFoundError(f"config.{field}={src} has no {name}/ directory")
+  for name in names:
     shutil.copytree(os.path.join(src, name), os.path.join(model_dir, name), dirs_exist_ok=True)
 
 
@@ -156,11 +193,14 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, log=print):
   source = open_dataset(config, os.path.join(workdir, "tfds"))
   if not os.path.exists(os.path.join(model_dir, "text_encoder", "config.json")):
     os.makedirs(model_dir, exist_ok=True)
-    if config.world.kind == "tiny_world":
-      _random_text_encoder(config, model_dir, source)
-      pipeline_lib.write_pixel_patch(model_dir, config.pixel_patch)
-    else:
+    if config.world.kind == "coco2017_captions":
       _copy_pretrained(config, model_dir)
+    else:  # pixel space, with a random text tower or the user's CLIP text directory
+      if config.get("pretrained_text_dir"):
+        _copy_pretrained(config, model_dir, "pretrained_text_dir", ("text_encoder", "tokenizer"))
+      else:
+        _random_text_encoder(config, model_dir, source)
+      pipeline_lib.write_pixel_patch(model_dir, config.pixel_patch)
   pipeline_lib.save_scheduler(os.path.join(model_dir, "scheduler"), config.scheduler.to_dict())
   pipeline_lib.save_model_index(model_dir,
                                 pixel_space=not os.path.isdir(os.path.join(model_dir, "vae")))
@@ -177,6 +217,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, log=print):
       dtype=config.precompute_dtype,
       fingerprint={"world": config.world.to_dict(), "text": config.text_encoder.to_dict()
                    if "text_encoder" in config else None, "seed": config.seed,
+                   **({"text_dir": config.pretrained_text_dir}
+                      if config.get("pretrained_text_dir") else {}),
                    "data_version": dataset_version(config)}, log=log)
   return source, precompute.load(pre_dir), model_dir
 
@@ -200,6 +242,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, excluded=(), log=pri
     raise ValueError(f"{model_dir} holds a model trained with other settings; use another "
                      "--workdir (or delete it)")
   _, arrays, model_dir = prepare(config, workdir, log=log)
+  width = np.shape(arrays["text_states"])[-1]
+  if width != config.unet.cross_attention_dim:
+    # A user's own text tower (pretrained_text_dir) sets the width the UNet must read.
+    raise ValueError(f"the text encoder in {model_dir}/text_encoder gives {width}-d states but "
+                     f"config.unet.cross_attention_dim is {config.unet.cross_attention_dim}: "
+                     f"set --config.unet.cross_attention_dim={width}")
 
   t = config.train
   mesh = parallel.make_mesh(t.num_devices or None)
