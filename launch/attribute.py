@@ -77,7 +77,10 @@ def main(argv):
   summary = runner.attribute_queries(abu, query_dirs, images_of,
                                      top_k=config.attribution_top_k,
                                      baselines=baselines_to_report)
-  common.log(f"attribute: {summary}")
+  recall = ", ".join(f"{m} {r:.2f}" for m, r in summary.get("mean_recall@10", {}).items())
+  common.log(f"attribute: {summary['num_queries']} queries, "
+             f"{summary.get('mean_seconds_per_query', 0):.1f} s each; mean Recall@10 over the "
+             f"{summary.get('num_with_ground_truth', 0)} with ground truth: {recall or 'n/a'}")
   common.log(f"attribute: report at {os.path.join(out_dir, 'report.html')}")
 
 

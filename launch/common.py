@@ -4,6 +4,7 @@ import os
 from absl import flags
 from absl import logging
 
+from attrib_jax import console
 from attrib_jax.models import pipeline
 
 _MULTIHOST = flags.DEFINE_bool("multihost", False,
@@ -11,8 +12,10 @@ _MULTIHOST = flags.DEFINE_bool("multihost", False,
 
 
 def start() -> None:
-  """jax.distributed when asked; libraries (Orbax) log at WARNING so progress stays readable."""
+  """jax.distributed when asked; libraries (Orbax) log at WARNING and known third-party noise
+  is dropped (attrib_jax.console), so the console holds the launchers' own lines."""
   logging.set_verbosity(logging.WARNING)
+  console.quiet()
   if _MULTIHOST.value:
     import jax  # pylint: disable=g-import-not-at-top
     jax.distributed.initialize()

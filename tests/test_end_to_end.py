@@ -11,6 +11,8 @@ import numpy as np
 
 from attrib_jax.models import pipeline
 
+import test_console  # the known third-party noise
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -82,6 +84,9 @@ def test_smoke_evaluation_with_abu_and_abu_plus(tmp_path):
     out = subprocess.run([sys.executable, "-m", module, config, f"--workdir={workdir}", *extra],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    # The evaluation's retraining workers print to this stderr too: no third-party noise.
+    noise = test_console.noise_lines(out.stdout + out.stderr)
+    assert not noise, noise
     return out.stdout
 
   run("launch.train")

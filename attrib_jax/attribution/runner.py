@@ -277,10 +277,12 @@ def attribute_queries(abu: AbU, query_dirs: Sequence[str],
       query has ground truth (`influential_indices` in its query.json).
   """
   entries = []
-  for directory in query_dirs:
+  meter = scores_lib.ProgressMeter("attribute", len(query_dirs), "queries")
+  for number, directory in enumerate(query_dirs, 1):
     name = os.path.basename(directory.rstrip("/"))
     query = generation.load_query(directory)
     result = abu.score(query, name)
+    abu.log(str(meter(number)))
     ranking, scores = result["ranking"], result["scores"]
     score_of = dict(zip(result["index"].tolist(), scores.tolist()))
     top = ranking[:top_k]

@@ -117,6 +117,15 @@ class ArrayRecordBuilder(tfds.core.GeneratorBasedBuilder):
                        "other TFDS formats cannot be read without TensorFlow")
     super().__init__(**kwargs)
 
+  # TFDS announces a build in bold as "Downloading and preparing dataset Unknown size ...", and
+  # its end in a second line; nothing is downloaded here, so one plain line says what happens.
+  def _log_download_bytes(self) -> None:
+    print(f"dataset: writing {self.name}/{self.builder_config.name if self.builder_config else ''}"
+          f" to {self.data_dir}", flush=True)
+
+  def _log_download_done(self) -> None:
+    pass
+
 
 class LocalFilesBuilder(ArrayRecordBuilder):
   """An ArrayRecordBuilder reading local files from `manual_dir`.

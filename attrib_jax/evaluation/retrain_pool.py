@@ -73,7 +73,9 @@ def _start_worker(config: ml_collections.ConfigDict, data_workdir: str, keep_che
   if compilation_cache:
     jax.config.update("jax_compilation_cache_dir", compilation_cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  from attrib_jax import console  # pylint: disable=g-import-not-at-top
   from attrib_jax.evaluation import counterfactual as cf  # pylint: disable=g-import-not-at-top
+  console.quiet()   # a worker is an entry point of its own: the launcher's filters are not here
 
   def log(line: str) -> None:
     print(f"[retrain worker {number}] {line}", file=sys.stderr, flush=True)
