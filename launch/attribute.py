@@ -7,12 +7,15 @@ r"""Attribution by Unlearning for generated queries (or any image + prompt).
       --config.attribution.unlearn.num_draws=4000    # any setting, as an override
   python -m launch.attribute --config=configs/tiny.py --workdir=runs/tiny \
       --config.attribution.preconditioner=fisher     # AbU instead of the config's choice
+  python -m launch.attribute --config=configs/tiny.py --workdir=runs/tiny \
+      --region=0,0,16,32        # local attribution: the left half of each query only
 
 Reads workdir/model, workdir/precomputed and workdir/queries; writes workdir/attribution/
 (AbU, preconditioner "fisher") or workdir/attribution_plus/ (AbU+, "ekfac"): <query>/result.npz|
 json, <query>/topk.png, report.html, summary.json. The preconditioner (fisher.npz, ekfac.npz)
 and the pre losses (pre_losses.npz) are kept in workdir/attribution/ for both. Finished queries
-are kept; an interrupted sweep resumes.
+are kept; an interrupted sweep resumes. With --region each query's result goes to
+<query>.region-x0-y0-x1-y1/ and the report to report.region-x0-y0-x1-y1.html.
 """
 import os
 
@@ -24,6 +27,7 @@ from PIL import Image
 
 from attrib_jax import generation
 from attrib_jax import parallel
+from attrib_jax.attribution import region as region_lib
 from attrib_jax.attribution import runner
 from attrib_jax import baselines
 from attrib_jax.data import precompute
@@ -37,13 +41,30 @@ _QUERIES = flags.DEFINE_multi_string("query", [], "Query directories (default: a
 _IMAGE = flags.DEFINE_string("image", None, "Attribute this image (with --prompt) instead.")
 _PROMPT = flags.DEFINE_string("prompt", None, "The prompt of --image.")
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", 0, "Devices of the mesh (0: all).")
+_REGION = flags.DEFINE_string(
+    "region", None, "x0,y0,x1,y1: attribute only this pixel box [x0, x1) x [y0, y1) of each "
+    "query image (local attribution: the unlearning loss covers the box's latent cells).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def parse_region(text: str | None, query_dirs) -> region_lib.Region | None:
+  """--region's box, checked against every query image before any work starts."""
+  if text is None:
+    return None
+  try:
+    region = region_lib.Region.parse(text)
+    for directory in query_dirs:
+      region.check(generation.load_query(directory).image.shape[:2])
+  except ValueError as e:
+    raise ValueError(f"--region={text}: {e}") from None
+  return region
 
 
 def main(argv):
   del argv
   common.start()
   config, workdir = _CONFIG.value, _WORKDIR.value
+  parse_region(_REGION.value, [])   # a malformed box fails before the model loads
   pipe = common.load_trained_pipeline(workdir)
   arrays = precompute.load(os.path.join(workdir, "precomputed"))
   source = recipe.open_dataset(config, os.path.join(workdir, "tfds"))
@@ -62,6 +83,7 @@ def main(argv):
     query_dirs = generation.list_queries(os.path.join(workdir, "queries"))
   if not query_dirs:
     raise FileNotFoundError(f"No queries in {workdir}/queries: run launch.generate first")
+  region = parse_region(_REGION.value, query_dirs)
 
   abu = runner.AbU(pipe.apply_unet, pipe.unet_params, arrays, pipe.schedule, settings, out_dir,
                    cache_dir=cache_dir,
@@ -76,12 +98,13 @@ def main(argv):
       for name in ("pixel", "caption", "caption-words")}
   summary = runner.attribute_queries(abu, query_dirs, images_of,
                                      top_k=config.attribution_top_k,
-                                     baselines=baselines_to_report)
+                                     baselines=baselines_to_report, region=region)
   recall = ", ".join(f"{m} {r:.2f}" for m, r in summary.get("mean_recall@10", {}).items())
   common.log(f"attribute: {summary['num_queries']} queries, "
              f"{summary.get('mean_seconds_per_query', 0):.1f} s each; mean Recall@10 over the "
              f"{summary.get('num_with_ground_truth', 0)} with ground truth: {recall or 'n/a'}")
-  common.log(f"attribute: report at {os.path.join(out_dir, 'report.html')}")
+  report_name = "report.html" if region is None else f"report.{region.key}.html"
+  common.log(f"attribute: report at {os.path.join(out_dir, report_name)}")
 
 
 if __name__ == "__main__":

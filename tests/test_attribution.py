@@ -246,10 +246,13 @@ def test_fisher_equals_float64_per_example_gradients(world, tmp_path):
 
 # --------------------------------------------------------------------------- unlearn ---
 
-def query_gradient64(params, x0, text, settings):
-  """ḡ in float64 over the step's draws (`unlearn.query_draws`), each draw's loss weighed by
-  its Min-SNR weight when `settings.min_snr_gamma` is set: (timesteps, {path: gradient})."""
-  t, noise = unlearn_lib.query_draws(settings.seed, 0, settings, LATENT, 1000)
+def query_gradient64(params, x0, text, settings, mask=None, draws=None):
+  """ḡ in float64 over the step's draws (`unlearn.query_draws`, or `draws` = (t, noise)),
+  each draw's loss weighed by its Min-SNR weight when `settings.min_snr_gamma` is set, and
+  with `mask` ([h, w] latent cells) the mean squared error over the masked cells only:
+  (timesteps, {path: gradient})."""
+  t, noise = draws or unlearn_lib.query_draws(settings.seed, 0, settings, LATENT, 1000)
+  cells = np.ones(LATENT[:2]) if mask is None else np.asarray(mask, np.float64)
   ab = np.asarray(SCHEDULE.alphas_cumprod, np.float64)[t][:, None, None, None]
   x_t = np.sqrt(ab) * x0 + np.sqrt(1 - ab) * np.asarray(noise, np.float64)
   w = (np.ones(t.shape) if settings.min_snr_gamma is None
@@ -261,7 +264,9 @@ def query_gradient64(params, x0, text, settings):
     def mean_loss(sel):
       out = apply64(selection.merge(sel, rest), x_t, t, np.broadcast_to(
           text.astype(np.float64), (t.size,) + text.shape))
-      per_draw = jnp.mean(jnp.square(out - np.asarray(noise, np.float64)), axis=(1, 2, 3))
+      squared = jnp.square(out - np.asarray(noise, np.float64))
+      per_draw = (jnp.sum(squared * cells[None, :, :, None], axis=(1, 2, 3))
+                  / (cells.sum() * LATENT[2]))
       return jnp.mean(w * per_draw)
     return t, {p: np.asarray(v) for p, v in jax.jit(jax.grad(mean_loss))(selected).items()}
 
@@ -348,6 +353,127 @@ def test_runner_sets_aside_a_preconditioner_of_other_settings(world, tmp_path):
   assert (tmp_path / f"fisher.{second.fingerprint()}.npz").exists()
   for p in first.values:
     np.testing.assert_array_equal(again.values[p], first.values[p])
+
+
+# ------------------------------------------------------------------ local attribution ---
+
+IMAGE_SIDE = 16   # the micro latent's 4x4 cells as a 16 px image: 4x4 pixels per cell
+
+
+def test_region_latent_cells_pixel_codec_and_vae():
+  from attrib_jax.attribution import region as region_lib  # pylint: disable=g-import-not-at-top
+  # Cells overlap [5, 12) x [0, 7): columns 1-2 (pixels 4-11), rows 0-1 (pixels 0-7).
+  mask = region_lib.Region(5, 0, 12, 7).latent_mask((IMAGE_SIDE,) * 2, LATENT[:2])
+  expected = np.zeros((4, 4), np.float32)
+  expected[0:2, 1:3] = 1
+  np.testing.assert_array_equal(mask, expected)
+  # The end is exclusive: x1 = 8 stops at column 1 (pixels 4-7); one pixel on is column 2.
+  assert region_lib.Region(4, 4, 8, 8).latent_mask((16, 16), (4, 4)).sum() == 1
+  assert region_lib.Region(4, 4, 9, 8).latent_mask((16, 16), (4, 4)).sum() == 2
+  # A VAE's factor 8 (128 px -> 16x16 latent): [9, 16) x [9, 17) overlaps column 1, rows 1-2.
+  vae = region_lib.Region(9, 9, 16, 17).latent_mask((128, 128), (16, 16))
+  assert [tuple(c) for c in np.argwhere(vae)] == [(1, 1), (2, 1)]
+
+
+def test_region_query_gradient_equals_float64(world):
+  """The region's ḡ is the gradient of the mean squared error over its latent cells only, for
+  AbU's draws and AbU+'s (float64 reference), on any mesh; it differs from the whole image's."""
+  from attrib_jax.attribution import ekfac as ekfac_lib  # pylint: disable=g-import-not-at-top
+  from attrib_jax.attribution import region as region_lib  # pylint: disable=g-import-not-at-top
+  params, (x0, text) = world["params"], world["query"]
+  mask = region_lib.Region(5, 0, 12, 7).latent_mask((IMAGE_SIDE,) * 2, LATENT[:2])
+  _, g64 = query_gradient64(params, x0, text, UNLEARN, mask=mask)
+  _, whole64 = query_gradient64(params, x0, text, UNLEARN)
+  for mesh in (parallel.make_mesh(8), parallel.make_mesh(1)):
+    g = unlearn_lib.query_gradient(APPLY, params, x0, text, SCHEDULE, settings=UNLEARN,
+                                   mesh=mesh, region_mask=mask)
+    for p, ref in g64.items():
+      np.testing.assert_allclose(g[p], ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+      assert not np.allclose(ref, whole64[p], rtol=0.05)   # the region does change ḡ
+  plus = ekfac_lib.EKFACUnlearnSettings(num_draws=40, micro_batch=8)
+  draws = ekfac_lib.query_draws(plus.seed, 0, plus.num_draws, LATENT, 1000)
+  _, g64 = query_gradient64(params, x0, text, UNLEARN, mask=mask, draws=draws)
+  g = ekfac_lib.query_gradient(APPLY, params, x0, text, SCHEDULE, settings=plus,
+                               mesh=parallel.make_mesh(8), region_mask=mask)
+  for p, ref in g64.items():
+    np.testing.assert_allclose(g[p], ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+def test_region_covering_the_image_equals_no_region(world):
+  """A box that overlaps every latent cell (the whole image, or one a pixel short on each
+  side) unlearns exactly as no region: the masked mean of a mask of ones is the mean."""
+  from attrib_jax.attribution import ekfac as ekfac_lib  # pylint: disable=g-import-not-at-top
+  from attrib_jax.attribution import region as region_lib  # pylint: disable=g-import-not-at-top
+  params, fisher, (x0, text) = world["params"], world["fisher"], world["query"]
+  mesh = parallel.make_mesh(8)
+  for box in ((0, 0, IMAGE_SIDE, IMAGE_SIDE), (1, 1, IMAGE_SIDE - 1, IMAGE_SIDE - 1)):
+    mask = region_lib.Region(*box).latent_mask((IMAGE_SIDE,) * 2, LATENT[:2])
+    after = unlearn_lib.unlearn(APPLY, params, fisher, x0, text, SCHEDULE, num_train=N,
+                                settings=UNLEARN, mesh=mesh, region_mask=mask)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(after), world["after"])
+  plus = ekfac_lib.EKFACUnlearnSettings(num_draws=40, micro_batch=8)
+  whole = ekfac_lib.query_gradient(APPLY, params, x0, text, SCHEDULE, settings=plus, mesh=mesh)
+  boxed = ekfac_lib.query_gradient(APPLY, params, x0, text, SCHEDULE, settings=plus, mesh=mesh,
+                                   region_mask=np.ones(LATENT[:2], np.float32))
+  for p in whole:
+    np.testing.assert_array_equal(boxed[p], whole[p])
+
+
+def test_bad_regions_are_clear_errors(world):
+  from attrib_jax.attribution import region as region_lib  # pylint: disable=g-import-not-at-top
+  for text, match in (("1,2,3", "four integers"), ("a,b,c,d", "four integers"),
+                      ("1.5,0,4,4", "four integers"), ("4,0,4,8", "x0 < x1"),
+                      ("0,8,4,2", "y0 < y1"), ("-1,0,4,4", ">= 0")):
+    with pytest.raises(ValueError, match=match):
+      region_lib.Region.parse(text)
+  for box in ((0, 0, 17, 8), (0, 0, 8, 17)):
+    with pytest.raises(ValueError, match="outside the 16x16 query image"):
+      region_lib.Region(*box).latent_mask((16, 16), (4, 4))
+  with pytest.raises(ValueError, match="cannot map pixels to latent cells"):
+    region_lib.Region(0, 0, 4, 4).latent_mask((18, 18), (4, 4))
+  params, fisher, (x0, text) = world["params"], world["fisher"], world["query"]
+  with pytest.raises(ValueError, match="mask shape"):
+    unlearn_lib.query_gradient(APPLY, params, x0, text, SCHEDULE, settings=UNLEARN,
+                               mesh=parallel.make_mesh(1), region_mask=np.ones((2, 2)))
+
+
+def test_runner_keeps_each_regions_result_apart(world, tmp_path):
+  """A region's scores are cached under the query and the region, recorded in the result,
+  reused for the same region and recomputed for another; the whole query's stay apart."""
+  from attrib_jax import generation  # pylint: disable=g-import-not-at-top
+  from attrib_jax.attribution import region as region_lib  # pylint: disable=g-import-not-at-top
+  from attrib_jax.attribution import runner  # pylint: disable=g-import-not-at-top
+  logs = []
+  abu = runner.AbU(APPLY, world["params"], world["arrays"], SCHEDULE,
+                   runner.AbUSettings(dataclasses.replace(FISHER, num_epochs=1), UNLEARN, SWEEP),
+                   str(tmp_path), mesh=parallel.make_mesh(2), log=logs.append)
+  x0, text = world["query"]
+  query = generation.Query(x0, text, np.zeros((IMAGE_SIDE, IMAGE_SIDE, 3), np.uint8),
+                           {"prompt": "q"})
+  left, right = region_lib.Region(0, 0, 8, 16), region_lib.Region(8, 0, 16, 16)
+  whole = abu.score(query, "q")
+  a = abu.score(query, "q", left)
+  b = abu.score(query, "q", right)
+  assert a["meta"]["settings"]["region"] == [0, 0, 8, 16]
+  assert (tmp_path / "q.region-0-0-8-16" / "result.json").exists()
+  assert whole["meta"]["settings"]["region"] is None
+  assert not np.allclose(a["scores"], b["scores"]) and not np.allclose(a["scores"],
+                                                                      whole["scores"])
+  logs.clear()
+  again = abu.score(query, "q", left)
+  assert not any("unlearn" in line for line in logs)   # reused, not recomputed
+  np.testing.assert_array_equal(again["scores"], a["scores"])
+  with pytest.raises(ValueError, match="outside"):
+    abu.score(query, "q", region_lib.Region(0, 0, 32, 32))
+
+
+def test_launch_attribute_names_the_region_flag(tmp_path):
+  import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  run = subprocess.run([sys.executable, "-m", "launch.attribute", "--config=configs/tiny.py:smoke",
+                        f"--workdir={tmp_path}", "--region=0,0,8"], capture_output=True,
+                       text=True, cwd=__file__.rsplit("/tests/", 1)[0], timeout=300)
+  assert run.returncode != 0
+  assert "--region=0,0,8: region '0,0,8': expected four integers" in run.stderr
 
 
 def test_preconditioner_zero_fisher_rules():

@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 THIRD_PARTY_NOISE = [
     r"Using custom data configuration",          # TFDS, the whole builder config repr
     r"OpenCV is not installed",                  # TFDS's image decoder notice
+    r"Waiting for previous save to complete",    # Orbax, when saves queue up
     r"Downloading and preparing dataset",        # TFDS's bold build announcement
     r"downloaded and prepared to",               # ... and its end
     r"Generating splits|Generating train examples|Shuffling ",   # TFDS's tqdm bars

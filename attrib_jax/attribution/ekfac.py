@@ -636,12 +636,13 @@ def _independent_draws(seed, step, ids, shape, schedule, table, *, num_draws: in
 
 
 def _gradient_sum(apply_fn: Callable, mesh, settings: EKFACUnlearnSettings, selected, rest,
-                  schedule, x0, text, step: int):
+                  schedule, x0, text, step: int, region_mask=None):
   """Σ over the step's draws of w(t)·∇L (replicated): AbU's chunked kernel with AbU+'s draws."""
   return unlearn_lib.gradient_sum(apply_fn, mesh, selected, rest, schedule, x0, text,
                                   seed=settings.seed, step=step, num_draws=settings.num_draws,
                                   micro_batch=settings.micro_batch, draws=_independent_draws,
-                                  min_snr_gamma=settings.min_snr_gamma)
+                                  min_snr_gamma=settings.min_snr_gamma,
+                                  region_mask=region_mask)
 
 
 @functools.lru_cache(maxsize=32)
@@ -679,14 +680,16 @@ def _check_query(query_latent, query_text) -> tuple[np.ndarray, np.ndarray]:
 def query_gradient(apply_fn: Callable, params: Mapping[str, Any], query_latent: np.ndarray,
                    query_text: np.ndarray, schedule: NoiseSchedule, *,
                    settings: EKFACUnlearnSettings = EKFACUnlearnSettings(), step: int = 0,
-                   mesh=None) -> Flat:
-  """ḡ of one AbU+ step (timesteps with replacement): mean over the step's draws."""
+                   mesh=None, region_mask: np.ndarray | None = None) -> Flat:
+  """ḡ of one AbU+ step (timesteps with replacement): mean over the step's draws; with
+  `region_mask` ([h, w]) the loss of the region's latent cells only."""
   mesh = mesh or parallel.make_mesh()
   selected, rest = selection.split(params, selection.select(params, settings.selection))
   x0, text = _check_query(query_latent, query_text)
   rep = parallel.replicated(mesh)
   selected, rest, schedule_d, x0, text = jax.device_put((selected, rest, schedule, x0, text), rep)
-  total = _gradient_sum(apply_fn, mesh, settings, selected, rest, schedule_d, x0, text, step)
+  total = _gradient_sum(apply_fn, mesh, settings, selected, rest, schedule_d, x0, text, step,
+                        region_mask)
   return {p: np.asarray(v) / settings.num_draws for p, v in total.items()}
 
 
@@ -694,8 +697,10 @@ def ekfac_unlearn(apply_fn: Callable, params: Mapping[str, Any], factors: EKFAC,
                   query_latent: np.ndarray, query_text: np.ndarray, schedule: NoiseSchedule, *,
                   num_train: int, settings: EKFACUnlearnSettings = EKFACUnlearnSettings(),
                   mesh=None,
-                  progress: Callable[[scores_lib.Progress], None] | None = None) -> dict:
-  """θ' after `settings.num_steps` EK-FAC-preconditioned ascent steps on the query's loss.
+                  progress: Callable[[scores_lib.Progress], None] | None = None,
+                  region_mask: np.ndarray | None = None) -> dict:
+  """θ' after `settings.num_steps` EK-FAC-preconditioned ascent steps on the query's loss
+  (with `region_mask`, [h, w] latent cells of a query region: the region's loss only).
 
   Each step: θ ← θ + (α/N) · P(ḡ), ḡ recomputed at the current θ from fresh draws; one jitted
   program per micro-batch chunk (gradient over the mesh), then one for the preconditioning and
@@ -743,7 +748,8 @@ def ekfac_unlearn(apply_fn: Callable, params: Mapping[str, Any], factors: EKFAC,
       (selected, rest, preconditioner, schedule, x0, text), rep)
   meter = scores_lib.ProgressMeter("unlearn", settings.num_steps * settings.num_draws, "draws")
   for s in range(settings.num_steps):
-    grad_sum = _gradient_sum(apply_fn, mesh, settings, selected, rest, schedule_d, x0, text, s)
+    grad_sum = _gradient_sum(apply_fn, mesh, settings, selected, rest, schedule_d, x0, text, s,
+                             region_mask)
     selected = update(selected, preconditioner, grad_sum)
     if progress:
       jax.block_until_ready(selected)

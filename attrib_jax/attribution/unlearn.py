@@ -141,9 +141,11 @@ def _stratified_draws(seed, step, ids, shape, schedule, timesteps, *, num_draws:
 @functools.lru_cache(maxsize=32)
 def _chunk_program(apply_fn: Callable, mesh, num_draws: int, micro_batch: int,
                    draws: Callable, draws_per_batch: int,
-                   min_snr_gamma: float | None) -> Callable:
+                   min_snr_gamma: float | None, masked: bool = False) -> Callable:
   """acc + Σ w(t)·∇L over one chunk: micro-batch `chunk` of every device, one `psum` (jitted);
-  w = `loss.loss_weights(·, min_snr_gamma)` (ones for None).
+  w = `loss.loss_weights(·, min_snr_gamma)` (ones for None). `masked`: L is the mean over the
+  query region's latent cells (the `mask` argument, [h, w]); else the argument is ignored and
+  L the plain mean, as without regions.
 
   `draws(seed, step, ids, shape, schedule, table, num_draws=, draws_per_batch=)` returns the
   (timesteps, noise) of the given draw ids; `table` is whatever array it precomputes per step
@@ -151,7 +153,7 @@ def _chunk_program(apply_fn: Callable, mesh, num_draws: int, micro_batch: int,
   """
   micro, per_device = _layout(num_draws, micro_batch, mesh.size)
 
-  def local(acc, selected, rest, schedule, x0, text, seed, step, table, chunk):
+  def local(acc, selected, rest, schedule, x0, text, seed, step, table, chunk, mask):
     # Per-device gradients, summed by the one explicit psum below (differentiating the
     # replicated value would insert a psum of its own).
     selected = jax.lax.pcast(selected, parallel.DATA, to="varying")
@@ -166,14 +168,15 @@ def _chunk_program(apply_fn: Callable, mesh, num_draws: int, micro_batch: int,
       params = selection.merge(sel, rest)
       losses = loss_lib.per_example_loss(
           apply_fn, params, jnp.broadcast_to(x0, (micro,) + x0.shape),
-          jnp.broadcast_to(text, (micro,) + text.shape), t, noise, schedule=schedule)
+          jnp.broadcast_to(text, (micro,) + text.shape), t, noise, schedule=schedule,
+          mask=mask if masked else None)
       return jnp.sum(weights * losses)
     grads = jax.lax.psum(jax.grad(loss_sum)(selected), parallel.DATA)
     return jax.tree.map(jnp.add, acc, grads)
 
-  sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(),) * 10, out_specs=P())
+  sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(),) * 11, out_specs=P())
   rep = parallel.replicated(mesh)
-  return jax.jit(sharded, in_shardings=(rep,) * 10, out_shardings=rep, donate_argnums=0)
+  return jax.jit(sharded, in_shardings=(rep,) * 11, out_shardings=rep, donate_argnums=0)
 
 
 @functools.lru_cache(maxsize=32)
@@ -186,9 +189,10 @@ def _timestep_program(num_draws: int, draws_per_batch: int, num_timesteps: int) 
 def gradient_sum(apply_fn: Callable, mesh, selected: Flat, rest, schedule: NoiseSchedule, x0,
                  text, *, seed: int, step: int, num_draws: int, micro_batch: int,
                  draws: Callable, draws_per_batch: int = 1, table=None,
-                 min_snr_gamma: float | None = None) -> Flat:
+                 min_snr_gamma: float | None = None, region_mask=None) -> Flat:
   """Σ over the step's draws of w(t)·∇L w.r.t. the selected weights (replicated over the
-  mesh); w the Min-SNR-γ training weights at mean 1, or ones for None.
+  mesh); w the Min-SNR-γ training weights at mean 1, or ones for None. `region_mask` ([h, w]
+  latent cells, `region.query_mask`): L is the loss over those cells only; None: all cells.
 
   Shared by AbU and AbU+ (ekfac.py), which differ only in `draws` (see `_chunk_program`).
   Why a host loop over jitted chunks rather than one `lax.scan`: XLA:CPU runs the rolled
@@ -199,19 +203,21 @@ def gradient_sum(apply_fn: Callable, mesh, selected: Flat, rest, schedule: Noise
   """
   micro, per_device = _layout(num_draws, micro_batch, mesh.size)
   program = _chunk_program(apply_fn, mesh, num_draws, micro_batch, draws, draws_per_batch,
-                           min_snr_gamma)
+                           min_snr_gamma, region_mask is not None)
   rep = parallel.replicated(mesh)
   table = jax.device_put(np.zeros((0,), np.int32) if table is None else table, rep)
+  mask = jax.device_put(np.zeros((0,), np.float32) if region_mask is None
+                        else np.asarray(region_mask, np.float32), rep)
   acc = jax.device_put(jax.tree.map(lambda v: np.zeros(v.shape, np.float32), selected), rep)
   seed, step_index = np.uint32(seed), np.int32(step)
   for chunk in range(per_device // micro):
     acc = program(acc, selected, rest, schedule, x0, text, seed, step_index, table,
-                  np.int32(chunk))
+                  np.int32(chunk), mask)
   return acc
 
 
 def _gradient_sum(apply_fn: Callable, mesh, settings: UnlearnSettings, selected: Flat, rest,
-                  schedule: NoiseSchedule, x0, text, step: int) -> Flat:
+                  schedule: NoiseSchedule, x0, text, step: int, region_mask=None) -> Flat:
   """AbU's Σ∇L of one step: stratified timesteps, drawn once per step."""
   timesteps = _timestep_program(settings.num_draws, settings.draws_per_batch,
                                 schedule.num_train_timesteps)(np.uint32(settings.seed),
@@ -220,7 +226,7 @@ def _gradient_sum(apply_fn: Callable, mesh, settings: UnlearnSettings, selected:
                       step=step, num_draws=settings.num_draws,
                       micro_batch=settings.micro_batch, draws=_stratified_draws,
                       draws_per_batch=settings.draws_per_batch, table=timesteps,
-                      min_snr_gamma=settings.min_snr_gamma)
+                      min_snr_gamma=settings.min_snr_gamma, region_mask=region_mask)
 
 
 @functools.lru_cache(maxsize=32)
@@ -271,15 +277,18 @@ def preconditioner(fisher_values: Mapping[selection.Path, np.ndarray], *, alpha:
 
 def query_gradient(apply_fn: Callable, params: Mapping[str, Any], query_latent: np.ndarray,
                    query_text: np.ndarray, schedule: NoiseSchedule, *,
-                   settings: UnlearnSettings = MSCOCO, step: int = 0, mesh=None) -> Flat:
-  """ḡ: the query loss's gradient w.r.t. the selected weights, mean over the step's draws."""
+                   settings: UnlearnSettings = MSCOCO, step: int = 0, mesh=None,
+                   region_mask: np.ndarray | None = None) -> Flat:
+  """ḡ: the query loss's gradient w.r.t. the selected weights, mean over the step's draws;
+  with `region_mask` ([h, w]) the loss of the region's latent cells only."""
   mesh = mesh or parallel.make_mesh()
   selected, rest = selection.split(params, selection.select(params, settings.selection))
   rep = parallel.replicated(mesh)
   selected, rest, schedule_d, x0, text = jax.device_put(
       (selected, rest, schedule, jnp.asarray(query_latent, jnp.float32),
        jnp.asarray(query_text, jnp.float32)), rep)
-  total = _gradient_sum(apply_fn, mesh, settings, selected, rest, schedule_d, x0, text, step)
+  total = _gradient_sum(apply_fn, mesh, settings, selected, rest, schedule_d, x0, text, step,
+                        region_mask)
   return {p: np.asarray(v) / settings.num_draws for p, v in total.items()}
 
 
@@ -287,7 +296,8 @@ def unlearn(apply_fn: Callable, params: Mapping[str, Any],
             fisher: fisher_lib.Fisher | Mapping[selection.Path, np.ndarray],
             query_latent: np.ndarray, query_text: np.ndarray, schedule: NoiseSchedule, *,
             num_train: int, settings: UnlearnSettings = MSCOCO, mesh=None,
-            progress: Callable[[scores_lib.Progress], None] | None = None) -> dict:
+            progress: Callable[[scores_lib.Progress], None] | None = None,
+            region_mask: np.ndarray | None = None) -> dict:
   """θ' after `settings.num_steps` preconditioned ascent steps on the query's loss.
 
   Args:
@@ -297,6 +307,8 @@ def unlearn(apply_fn: Callable, params: Mapping[str, Any],
     query_latent: [h, w, c] the query's (scaled) latent.
     query_text: [L, D] text-encoder states of the query's prompt.
     num_train: N, the number of training images.
+    region_mask: [h, w] latent cells of a query region (`region.query_mask`): the ascended
+      loss is the region's only (local attribution); None: the whole image.
   Returns:
     θ' as a nested dict of device arrays (replicated over the mesh).
   """
@@ -325,7 +337,8 @@ def unlearn(apply_fn: Callable, params: Mapping[str, Any],
       (selected, rest, scale, schedule, x0, text), rep)
   meter = scores_lib.ProgressMeter("unlearn", settings.num_steps * settings.num_draws, "draws")
   for s in range(settings.num_steps):
-    grad_sum = _gradient_sum(apply_fn, mesh, settings, selected, rest, schedule_d, x0, text, s)
+    grad_sum = _gradient_sum(apply_fn, mesh, settings, selected, rest, schedule_d, x0, text, s,
+                             region_mask)
     selected = update(selected, scale, grad_sum)
     if progress:
       jax.block_until_ready(selected)

@@ -20,7 +20,7 @@ ApplyFn = Callable[[Any, jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
 def per_example_loss(apply_fn: ApplyFn, params: Any, x0: jnp.ndarray, text_states: jnp.ndarray,
                      t: jnp.ndarray, noise: jnp.ndarray, *,
-                     schedule: NoiseSchedule) -> jnp.ndarray:
+                     schedule: NoiseSchedule, mask: jnp.ndarray | None = None) -> jnp.ndarray:
   """Mean squared error of the network's prediction at x_t = add_noise(x0, noise, t); shape [B].
 
   Args:
@@ -32,6 +32,8 @@ def per_example_loss(apply_fn: ApplyFn, params: Any, x0: jnp.ndarray, text_state
     noise: [B, ...] standard normal noise, shaped like x0.
     schedule: the noise schedule; its prediction_type picks the target (the noise for
       "epsilon", the velocity for "v_prediction", the clean latent for "sample").
+    mask: optional [h, w] weights of the latent cells (a query region, `attribution/region.py`):
+      the error is averaged over the masked cells only (all their channels).
 
   Returns:
     [B] float32: the squared error averaged over every latent element of each example. The
@@ -52,6 +54,14 @@ def per_example_loss(apply_fn: ApplyFn, params: Any, x0: jnp.ndarray, text_state
   if prediction.shape != target.shape:
     raise ValueError(f"apply_fn returned shape {prediction.shape}, expected {target.shape}")
   squared_error = jnp.square(prediction - target)
+  if mask is not None:
+    if mask.shape != x0.shape[1:-1]:
+      raise ValueError(f"mask shape {mask.shape} != the latent's cells {x0.shape[1:-1]}")
+    weights = jnp.broadcast_to(mask.astype(jnp.float32)[..., None], x0.shape[1:])
+    # Σ(m·e²) / Σm: a mask of ones is the plain mean exactly (e²·1 and the integer count are
+    # exact in float32), so a region covering the image changes nothing.
+    return (jnp.sum((squared_error * weights).reshape(squared_error.shape[0], -1), axis=1)
+            / jnp.sum(weights))
   return jnp.mean(squared_error.reshape(squared_error.shape[0], -1), axis=1)
 
 
