@@ -28,6 +28,7 @@ import numpy as np
 from attrib_jax import generation
 from attrib_jax.attribution import ekfac as ekfac_lib
 from attrib_jax.attribution import fisher as fisher_lib
+from attrib_jax.attribution import region as region_lib
 from attrib_jax.attribution import report
 from attrib_jax.attribution import scores as scores_lib
 from attrib_jax.attribution import sweep as sweep_lib
@@ -191,16 +192,19 @@ class AbU:
         self.log(f"ekfac: {self._ekfac.num_examples} examples in {time.time() - t0:.0f}s")
     return self._ekfac
 
-  def unlearn(self, query: generation.Query) -> Any:
-    """θ' for one query, by the settings' preconditioner."""
+  def unlearn(self, query: generation.Query, region: region_lib.Region | None = None) -> Any:
+    """θ' for one query, by the settings' preconditioner; with `region` (pixels of the query
+    image) the step ascends the loss of that region's latent cells only."""
+    mask = region_lib.query_mask(region, query.image, query.latent)
     if self.settings.preconditioner == "ekfac":
       return ekfac_lib.ekfac_unlearn(
           self.apply_fn, self.params, self.ekfac, query.latent, query.text_states,
           self.schedule, num_train=len(self.index),
-          settings=self.settings.ekfac_unlearn_settings(), mesh=self.mesh)
+          settings=self.settings.ekfac_unlearn_settings(), mesh=self.mesh, region_mask=mask)
     return unlearn_lib.unlearn(
         self.apply_fn, self.params, self.fisher, query.latent, query.text_states, self.schedule,
-        num_train=len(self.index), settings=self.settings.unlearn, mesh=self.mesh)
+        num_train=len(self.index), settings=self.settings.unlearn, mesh=self.mesh,
+        region_mask=mask)
 
   @property
   def pre_slot_losses(self) -> np.ndarray | None:
@@ -229,21 +233,29 @@ class AbU:
       self._pre = sweep_lib.load_pre_cache(path, key, self.index)
     return self._pre
 
-  def score(self, query: generation.Query, name: str) -> dict:
-    """Scores every training item for one query; returns the loaded result."""
+  def score(self, query: generation.Query, name: str,
+            region: region_lib.Region | None = None) -> dict:
+    """Scores every training item for one query (for `region`: the query's loss over that
+    region only); returns the loaded result. A region's result is kept apart from the whole
+    query's, in <name>.region-x0-y0-x1-y1/."""
+    if region is not None:
+      region.check(query.image.shape[:2])
+      name = f"{name}.{region.key}"
+    region_meta = None if region is None else region.as_list()
     path = os.path.join(self.out_dir, name, "result")
     if os.path.exists(path + ".json"):
       try:
         done = scores_lib.load_result(path, expected_fingerprint=self.model_fingerprint)
         stored = json.loads(json.dumps(done["meta"]["settings"]["abu"]))
-        if stored == json.loads(json.dumps(dataclasses.asdict(self.settings))):
+        if (stored == json.loads(json.dumps(dataclasses.asdict(self.settings)))
+            and done["meta"]["settings"].get("region") == region_meta):
           return done
         self.log(f"{name}: recomputing (the stored result used other AbU settings)")
       except ValueError as e:  # another model or a torn write: recompute
         self.log(f"{name}: recomputing ({e})")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     t0 = time.time()
-    params_after = self.unlearn(query)
+    params_after = self.unlearn(query, region)
     jax.block_until_ready(params_after)   # dispatch is asynchronous: time the work itself
     t1 = time.time()
     result = sweep_lib.sweep(
@@ -255,7 +267,7 @@ class AbU:
     image_scores = scores_lib.image_scores(result.delta)
     ranking = scores_lib.rank(image_scores, result.index)
     settings = {"abu": dataclasses.asdict(self.settings), "query": query.info,
-                "seconds": {"unlearn": t1 - t0, "sweep": t2 - t1}}
+                "region": region_meta, "seconds": {"unlearn": t1 - t0, "sweep": t2 - t1}}
     scores_lib.save_result(path, image_scores, ranking, settings, self.model_fingerprint,
                            index=result.index, tau_per_flip=result.delta, pre=result.pre)
     partial = os.path.join(self.out_dir, name, "sweep_partial.npz")
@@ -267,12 +279,14 @@ class AbU:
 
 def attribute_queries(abu: AbU, query_dirs: Sequence[str],
                       get_images: Callable[[np.ndarray], np.ndarray], *, top_k: int = 10,
-                      baselines: Mapping[str, Callable[[generation.Query], np.ndarray]] = {}
-                      ) -> dict:
+                      baselines: Mapping[str, Callable[[generation.Query], np.ndarray]] = {},
+                      region: region_lib.Region | None = None) -> dict:
   """Scores every query, writes its picture, then the HTML report and summary.json.
 
   Args:
     get_images: dataset indices -> uint8 training images (for the pictures).
+    region: attribute this pixel box of every query only (local attribution; the report and
+      pictures then describe the region's results, the box drawn on the query).
     baselines: name -> (query -> scores aligned with abu.index), reported beside AbU where a
       query has ground truth (`influential_indices` in its query.json).
   """
@@ -281,14 +295,18 @@ def attribute_queries(abu: AbU, query_dirs: Sequence[str],
   for number, directory in enumerate(query_dirs, 1):
     name = os.path.basename(directory.rstrip("/"))
     query = generation.load_query(directory)
-    result = abu.score(query, name)
+    result = abu.score(query, name, region)
+    shown = query   # the picture's query: with the region's box drawn on it
+    if region is not None:
+      name = f"{name}.{region.key}"
+      shown = query._replace(image=region_lib.draw_box(query.image, region))
     abu.log(str(meter(number)))
     ranking, scores = result["ranking"], result["scores"]
     score_of = dict(zip(result["index"].tolist(), scores.tolist()))
     top = ranking[:top_k]
     picture = os.path.join(abu.out_dir, name, "topk.png")
     truth = query.info.get("influential_indices")
-    report.save_topk_picture(picture, query, get_images(top), top,
+    report.save_topk_picture(picture, shown, get_images(top), top,
                              [score_of[int(i)] for i in top], truth)
     entry = {"name": name, "prompt": query.info.get("prompt"), "picture": picture,
              "top": top.tolist(), "seconds": result["meta"]["settings"]["seconds"]}
@@ -299,7 +317,9 @@ def attribute_queries(abu: AbU, query_dirs: Sequence[str],
             scores_lib.rank(fn(query), abu.index), truth, 10)
     entries.append(entry)
   summary = report.summarise(entries)
-  report.write_report(os.path.join(abu.out_dir, "report.html"), entries, summary)
-  scores_lib.atomic_write_json(os.path.join(abu.out_dir, "summary.json"),
-                               {"queries": entries, "summary": summary})
+  suffix = "" if region is None else f".{region.key}"   # a region's report beside the whole's
+  report.write_report(os.path.join(abu.out_dir, f"report{suffix}.html"), entries, summary)
+  scores_lib.atomic_write_json(os.path.join(abu.out_dir, f"summary{suffix}.json"),
+                               {"queries": entries, "summary": summary, "region": (
+                                   None if region is None else region.as_list())})
   return summary
