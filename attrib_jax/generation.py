@@ -10,6 +10,7 @@ A query can also be made from any image + prompt (`query_from_image`), e.g. a re
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any, NamedTuple, Sequence
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from attrib_jax import io_utils
 from attrib_jax.diffusion import sampling
 from attrib_jax.models import pipeline as pipeline_lib
 
@@ -85,27 +87,49 @@ def query_from_image(pipe: pipeline_lib.Pipeline, image: np.ndarray, prompt: str
                {"prompt": prompt, "seed": seed, "source": "image"})
 
 
+def query_digest(query: Query) -> str:
+  """sha256 (16 hex characters) of what a query's attribution depends on: its latent, its text
+  states and its prompt. Results are keyed by this, never by the query's directory name, so a
+  name reused for other content is recomputed instead of answered with the old scores."""
+  h = hashlib.sha256()
+  for array in (query.latent, query.text_states):
+    array = np.ascontiguousarray(np.asarray(array, np.float32))
+    h.update(f"{array.shape}".encode())
+    h.update(array.tobytes())
+  h.update(str(query.info.get("prompt")).encode("utf-8"))
+  return h.hexdigest()[:16]
+
+
 def save_query(directory: str, query: Query, extra: dict[str, Any] | None = None) -> None:
-  """Writes a query directory; query.json goes last, so its presence means complete."""
-  os.makedirs(directory, exist_ok=True)
-  Image.fromarray(query.image).save(os.path.join(directory, "image.png"))
-  np.save(os.path.join(directory, "latent.npy"), query.latent.astype(np.float32))
-  np.save(os.path.join(directory, "text_states.npy"), query.text_states.astype(np.float32))
-  tmp = os.path.join(directory, "query.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(dict(query.info, **(extra or {})), f, indent=2)
-  os.replace(tmp, os.path.join(directory, "query.json"))
+  """Writes a query directory, complete or not at all: the files are written into a staging
+  folder that replaces `directory` in one rename (never new arrays beside old metadata).
+  query.json records the content digest (`query_digest`), checked by `load_query`."""
+  info = dict(query.info, **(extra or {}))
+  info["digest"] = query_digest(query)
+  with io_utils.atomic_directory(directory) as staging:
+    Image.fromarray(query.image).save(os.path.join(staging, "image.png"))
+    np.save(os.path.join(staging, "latent.npy"), query.latent.astype(np.float32))
+    np.save(os.path.join(staging, "text_states.npy"), query.text_states.astype(np.float32))
+    with open(os.path.join(staging, "query.json"), "w") as f:
+      json.dump(info, f, indent=2)
 
 
 def load_query(directory: str) -> Query:
+  """Reads `save_query`'s directory; arrays that do not match the recorded digest are an
+  error (a directory assembled from two queries)."""
   path = os.path.join(directory, "query.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{directory} is not a complete query (query.json missing)")
   with open(path) as f:
     info = json.load(f)
-  return Query(np.load(os.path.join(directory, "latent.npy")),
-               np.load(os.path.join(directory, "text_states.npy")),
-               np.asarray(Image.open(os.path.join(directory, "image.png")).convert("RGB")), info)
+  query = Query(np.load(os.path.join(directory, "latent.npy")),
+                np.load(os.path.join(directory, "text_states.npy")),
+                np.asarray(Image.open(os.path.join(directory, "image.png")).convert("RGB")), info)
+  if "digest" in info and info["digest"] != query_digest(query):
+    raise ValueError(f"{directory}: latent.npy / text_states.npy do not match query.json "
+                     f"(digest {query_digest(query)} != recorded {info['digest']}); the "
+                     "directory mixes two queries: delete it and generate it again")
+  return query
 
 
 def list_queries(root: str) -> list[str]:
@@ -113,4 +137,5 @@ def list_queries(root: str) -> list[str]:
   if not os.path.isdir(root):
     return []
   return sorted(os.path.join(root, d) for d in os.listdir(root)
-                if os.path.exists(os.path.join(root, d, "query.json")))
+                if not d.endswith(io_utils.STAGING_SUFFIX)  # a killed save_query's leftovers
+                and os.path.exists(os.path.join(root, d, "query.json")))

@@ -224,8 +224,10 @@ def test_delta_g_fields(world, first_run):
 
 
 def test_mean_and_standard_error():
-  mean, se, n = cf.mean_and_se([1.0, 2.0, 4.0, 7.0, float("nan")])
+  mean, se, n = cf.mean_and_se([1.0, 2.0, 4.0, 7.0, None])   # None: not measured, skipped
   assert (mean, n) == (3.5, 4)
+  with pytest.raises(ValueError, match="not finite"):           # NaN: a failure, not a gap
+    cf.mean_and_se([1.0, 2.0, float("nan")])
   assert se == pytest.approx(np.std([1, 2, 4, 7], ddof=1) / 2)
   assert math.isnan(cf.mean_and_se([5.0])[1]) and cf.mean_and_se([])[2] == 0
   rows = [{"query": q, "method": m, "k": 2, "draw": d, "delta_loss": v}

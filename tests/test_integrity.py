@@ -97,3 +97,140 @@ def test_sweep_checkpoint_is_not_resumed_under_another_schedule(micro, tmp_path)
   with pytest.raises(ValueError, match="another sweep"):
     sweep_lib.sweep(ta.APPLY, micro["params"], after, micro["arrays"], other,
                     settings=ta.SWEEP, mesh=parallel.make_mesh(8), checkpoint_path=path)
+
+
+# --------------------------------------------------------- results keyed by content ---
+
+def make_query(seed: int, prompt: str) -> generation.Query:
+  rng = np.random.default_rng(seed)
+  return generation.Query(rng.normal(size=ta.LATENT).astype(np.float32),
+                          rng.normal(size=(ta.L, ta.D)).astype(np.float32),
+                          rng.integers(0, 256, (8, 8, 3)).astype(np.uint8),
+                          {"prompt": prompt, "seed": seed})
+
+
+def test_attribution_result_under_a_reused_name_is_of_the_new_query(micro, tmp_path):
+  """launch.attribute --image=a.png --prompt=A, then the same file with --prompt=B: the
+  query directory keeps its name, the result must be B's."""
+  settings = runner.AbUSettings(dataclasses.replace(ta.FISHER, num_epochs=1), ta.UNLEARN,
+                                ta.SWEEP)
+  abu = runner.AbU(ta.APPLY, micro["params"], micro["arrays"], ta.SCHEDULE, settings,
+                   str(tmp_path), mesh=parallel.make_mesh(2), log=lambda s: None)
+  first = abu.score(make_query(1, "A"), "a")
+  query_b = make_query(2, "B")
+  second = abu.score(query_b, "a")
+  assert second["meta"]["settings"]["query"]["prompt"] == "B"
+  assert second["meta"]["settings"].get("query_digest") == generation.query_digest(query_b)
+  assert not np.array_equal(second["scores"], first["scores"])
+  assert generation.query_digest(make_query(1, "A")) != generation.query_digest(
+      make_query(1, "B"))   # the prompt alone changes the key
+
+
+def test_score_store_under_a_reused_name_scores_the_new_query(tmp_path):
+  index = np.arange(5)
+  store = eval_report.ScoreStore(str(tmp_path), index)
+  scorer = eval_report.Scorer(lambda name, q: q.latent.reshape(-1)[:5].astype(np.float64), "k")
+  query_a, query_b = make_query(1, "A"), make_query(2, "B")
+  store.get("m", "q", query_a, scorer)
+  np.testing.assert_array_equal(store.get("m", "q", query_b, scorer),
+                                query_b.latent.reshape(-1)[:5])
+
+
+class FakeCache:
+  """A ModelCache that 'retrains' to θ0 itself and counts the models asked for."""
+  recipe_fingerprint = "recipe"
+
+  def __init__(self, params):
+    self.base, self.calls = params, 0
+
+  def key(self, excluded):
+    return cf.model_key(excluded, self.recipe_fingerprint)
+
+  def params(self, excluded):
+    self.calls += 1
+    return self.base
+
+
+LOSS = cf.LossSettings(timestep_stride=250, batch_size=4)
+
+
+def test_counterfactual_cells_are_keyed_by_query_content_and_feature_settings(micro, tmp_path):
+  cache = FakeCache(micro["params"])
+  store = cf.ResultStore(str(tmp_path / "cells"))
+  cells = [cf.Cell("q", "m", 2, None, (1000, 1007))]
+  run = lambda query, **kw: cf.run_counterfactual(
+      cells, {"q": query}, cache=cache, base_params=micro["params"], base_fingerprint="θ0",
+      apply_fn=ta.APPLY, schedule=ta.SCHEDULE, store=store, loss=LOSS, log=lambda s: None, **kw)
+  run(make_query(1, "A"))
+  query_b = make_query(2, "B")
+  row = run(query_b)[0]
+  assert row["loss_base"] == pytest.approx(cf.query_loss(ta.APPLY, micro["params"], query_b,
+                                                         ta.SCHEDULE, LOSS))
+  # ΔG cells: another feature extractor's settings measure again.
+  features = dict(regenerate=lambda params, q: q.image,
+                  feature_fn=lambda images: images.reshape(len(images), -1) + 1.0)
+  run(query_b, feature_key={"grid": 1}, **features)
+  calls = cache.calls
+  run(query_b, feature_key={"grid": 1}, **features)
+  assert cache.calls == calls            # same settings: reused
+  run(query_b, feature_key={"grid": 2}, **features)
+  assert cache.calls == calls + 1        # other settings: measured again
+
+
+def test_lds_rows_are_keyed_by_query_content(micro, tmp_path):
+  cache = FakeCache(micro["params"])
+  store = cf.ResultStore(str(tmp_path / "lds"))
+  index = np.arange(1000, 1010)
+  kept = lds_lib.subsets(index, lds_lib.LDSSettings(num_subsets=3))
+  run = lambda query: lds_lib.subset_losses(
+      kept, index, {"q": query}, [cache], apply_fn=ta.APPLY, schedule=ta.SCHEDULE, store=store,
+      base_fingerprint="θ0", loss=LOSS, log=lambda s: None)
+  run(make_query(1, "A"))
+  query_b = make_query(2, "B")
+  np.testing.assert_allclose(run(query_b)[0, :, 0], cf.query_loss(
+      ta.APPLY, micro["params"], query_b, ta.SCHEDULE, LOSS))
+
+
+# ------------------------------------------------------------------ stored versions ---
+
+def test_stored_results_of_another_format_version_are_refused(micro, tmp_path):
+  path = str(tmp_path / "result")
+  scores.save_result(path, np.zeros(3), np.arange(3), {}, "m")
+  meta = json.loads((tmp_path / "result.json").read_text())
+  (tmp_path / "result.json").write_text(json.dumps(dict(meta, version=99)))
+  with pytest.raises(ValueError, match="version 99"):
+    scores.load_result(path)
+  fisher = fisher_lib.Fisher({("w",): np.ones(2)}, 4, {"version": 99, "fingerprint": "f",
+                                                        "num_examples": 4})
+  fisher_lib.save_fisher(str(tmp_path / "fisher.npz"), fisher)
+  with pytest.raises(ValueError, match="version 99"):
+    fisher_lib.load_fisher(str(tmp_path / "fisher.npz"))
+  factors = ekfac_lib.EKFAC(layers={}, num_examples=4,
+                            meta={"version": 99, "fingerprint": "f", "num_examples": 4})
+  ekfac_lib.save_ekfac(str(tmp_path / "ekfac.npz"), factors)
+  with pytest.raises(ValueError, match="version 99"):
+    ekfac_lib.load_ekfac(str(tmp_path / "ekfac.npz"))
+
+
+# ------------------------------------------------------------- non-finite values ---
+
+def test_infinite_scores_are_refused_by_rank():
+  for bad in (np.inf, -np.inf, np.nan):
+    with pytest.raises(ValueError, match="non-finite"):
+      scores.rank(np.array([0.1, bad, 0.3]), np.array([5, 6, 7]))
+
+
+def test_a_nan_delta_loss_is_an_error_not_a_gap():
+  rows = [{"method": "m", "k": 2, "query": f"q{i}", "delta_loss": 0.1 * i} for i in range(15)]
+  rows[3]["delta_loss"] = float("nan")
+  with pytest.raises(ValueError, match="not finite"):
+    cf.summarize(rows)
+
+
+def test_zero_norm_features_are_an_error_not_a_score_of_zero():
+  from attrib_jax.baselines import features  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="norm zero"):
+    features.normalize_rows(np.array([[1.0, 2.0], [0.0, 0.0]]))
+  image = np.zeros((4, 4, 3), np.uint8)
+  with pytest.raises(ValueError, match="undefined"):
+    cf.feature_cosine(lambda images: np.zeros((len(images), 3)), image, image)

@@ -544,6 +544,7 @@ def load_ekfac(path: str, fingerprint: str | None = None) -> EKFAC:
   grouped: dict[Path, dict] = {}
   with np.load(path) as data:
     meta = json.loads(str(data["__meta__"]))
+    scores_lib.check_version(path, meta, EKFAC_VERSION, "EK-FAC factor file")
     for key in data.files:
       if key != "__meta__":
         name, field = key.rsplit("/", 1)

@@ -310,6 +310,7 @@ def load_fisher(path: str, expected_fingerprint: str | None = None) -> Fisher:
   """Reads `save_fisher`'s file; a different fingerprint than expected is an error."""
   with np.load(path) as data:
     meta = json.loads(str(data["__meta__"]))
+    scores_lib.check_version(path, meta, FISHER_VERSION, "Fisher")
     values = {tuple(k.split("/")): data[k] for k in data.files if k != "__meta__"}
   if expected_fingerprint is not None and meta["fingerprint"] != expected_fingerprint:
     raise ValueError(f"{path} holds a Fisher for other settings or another model "

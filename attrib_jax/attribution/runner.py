@@ -243,17 +243,28 @@ class AbU:
       name = f"{name}.{region.key}"
     region_meta = None if region is None else region.as_list()
     path = os.path.join(self.out_dir, name, "result")
+    # The name is only where the result lives: it is reused only for the same query content
+    # (latent, text states, prompt), so a name given to another image or prompt recomputes.
+    digest = generation.query_digest(query)
     if os.path.exists(path + ".json"):
       try:
         done = scores_lib.load_result(path, expected_fingerprint=self.model_fingerprint)
         stored = json.loads(json.dumps(done["meta"]["settings"]["abu"]))
-        if (stored == json.loads(json.dumps(dataclasses.asdict(self.settings)))
+        if done["meta"]["settings"].get("query_digest") != digest:
+          self.log(f"{name}: recomputing (the stored result is of another query: other "
+                   "image, latent or prompt)")
+        elif (stored == json.loads(json.dumps(dataclasses.asdict(self.settings)))
             and done["meta"]["settings"].get("region") == region_meta):
           return done
-        self.log(f"{name}: recomputing (the stored result used other AbU settings)")
+        else:
+          self.log(f"{name}: recomputing (the stored result used other AbU settings)")
       except ValueError as e:  # another model or a torn write: recompute
         self.log(f"{name}: recomputing ({e})")
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    # The partial sweep is named by what its sums depend on besides θ0 (which its own
+    # fingerprint checks): the query and the settings; another's partial is never resumed.
+    partial = os.path.join(self.out_dir, name, "sweep_partial_" + scores_lib.settings_digest(
+        {"query": digest, "abu": dataclasses.asdict(self.settings)}) + ".npz")
     t0 = time.time()
     params_after = self.unlearn(query, region)
     jax.block_until_ready(params_after)   # dispatch is asynchronous: time the work itself
@@ -261,16 +272,16 @@ class AbU:
     result = sweep_lib.sweep(
         self.apply_fn, self.params, params_after, self.arrays, self.schedule,
         settings=self.settings.sweep, mesh=self.mesh, pre_slot_losses=self.pre_slot_losses,
-        checkpoint_path=os.path.join(self.out_dir, name, "sweep_partial.npz"),
+        checkpoint_path=partial,
         progress=self._progress)
     t2 = time.time()
     image_scores = scores_lib.image_scores(result.delta)
     ranking = scores_lib.rank(image_scores, result.index)
     settings = {"abu": dataclasses.asdict(self.settings), "query": query.info,
+                "query_digest": digest,
                 "region": region_meta, "seconds": {"unlearn": t1 - t0, "sweep": t2 - t1}}
     scores_lib.save_result(path, image_scores, ranking, settings, self.model_fingerprint,
                            index=result.index, tau_per_flip=result.delta, pre=result.pre)
-    partial = os.path.join(self.out_dir, name, "sweep_partial.npz")
     if os.path.exists(partial):
       os.remove(partial)
     self.log(f"{name}: unlearn {t1 - t0:.1f}s, sweep {t2 - t1:.1f}s, top-5 {ranking[:5].tolist()}")

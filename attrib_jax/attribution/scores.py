@@ -50,6 +50,15 @@ def settings_digest(obj: Any) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def check_version(path: str, meta: Mapping[str, Any], expected: int, what: str) -> None:
+  """A stored file's format version must be the one this code writes: a file of another
+  version is refused with its path named, never read under the wrong layout."""
+  found = meta.get("version")
+  if found != expected:
+    raise ValueError(f"{path} is a {what} of format version {found}; this code reads version "
+                     f"{expected}: delete it (it is recomputed) or use the matching code")
+
+
 # One atomic writer for the whole project (io_utils); these names are the attribution stages'.
 atomic_savez = io_utils.atomic_savez
 atomic_write_json = io_utils.atomic_write_json
@@ -103,8 +112,12 @@ def rank(scores: np.ndarray, index: np.ndarray | None = None) -> np.ndarray:
   """Dataset indices by descending score; ties broken by ascending index (deterministic)."""
   scores = np.asarray(scores, np.float64)
   index = np.arange(scores.size) if index is None else np.asarray(index)
-  if np.isnan(scores).any():
-    raise ValueError("NaN attribution scores: the sweep diverged (check the unlearning step)")
+  if not np.isfinite(scores).all():
+    # ±inf sorts "first" or "last" as if it were a measurement; NaN has no order at all.
+    bad = np.flatnonzero(~np.isfinite(scores))
+    raise ValueError(f"{bad.size} non-finite attribution scores (e.g. {scores[bad[:3]].tolist()}"
+                     f" at dataset indices {index[bad[:3]].tolist()}): the sweep diverged "
+                     "(check the unlearning step) or a method failed")
   return index[np.lexsort((index, -scores))]
 
 
@@ -141,7 +154,8 @@ def load_result(path: str, expected_fingerprint: str | None = None) -> dict[str,
     raise FileNotFoundError(f"{json_path} missing: the result at {path} is incomplete")
   with open(json_path) as f:
     meta = json.load(f)
-  with np.load(npz_path) as data:
+  check_version(json_path, meta, RESULT_VERSION, "result")
+  with io_utils.open_npz(npz_path) as data:
     out = {k: data[k] for k in data.files}
   digest = hashlib.sha256(out["scores"].astype(np.float64).tobytes()).hexdigest()[:16]
   if digest != meta["scores_digest"]:

@@ -50,10 +50,17 @@ def pixels_to_input(images: np.ndarray) -> np.ndarray:
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:
-  """Unit L2 norm along the last axis, in float32; all-zero rows stay zero."""
+  """Unit L2 norm along the last axis, in float32. A zero or non-finite row is an error: its
+  cosine with anything is undefined, and scoring it 0.0 would rank it as if measured."""
   x = np.asarray(x, np.float32)
   norm = np.linalg.norm(x.astype(np.float64), axis=-1, keepdims=True)
-  return (x / np.maximum(norm, 1e-30)).astype(np.float32)
+  bad = ~(np.isfinite(norm) & (norm > 0))
+  if bad.any():
+    rows = np.flatnonzero(bad.reshape(-1))
+    raise ValueError(f"{rows.size} feature vectors have norm zero or are not finite (rows "
+                     f"{rows[:5].tolist()} of {bad.size}): the feature extractor gives nothing "
+                     "to compare for those images (blank images, or a broken extractor)")
+  return (x / norm).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- base ---

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from attrib_jax import generation
 from attrib_jax.attribution import scores as scores_lib
 from attrib_jax.baselines import random as random_lib
 from attrib_jax.diffusion import loss as loss_lib
@@ -486,7 +487,12 @@ def pixel_mse(a: np.ndarray, b: np.ndarray) -> float:
 def feature_cosine(feature_fn: FeatureFn, a: np.ndarray, b: np.ndarray) -> float:
   f = np.asarray(feature_fn(np.stack([a, b])), np.float64)
   na, nb = np.linalg.norm(f[0]), np.linalg.norm(f[1])
-  return float(f[0] @ f[1] / (na * nb)) if na > 0 and nb > 0 else 0.0
+  if not (na > 0 and nb > 0 and np.isfinite(f).all()):
+    # A cosine is undefined there; 0.0 would read as "completely changed".
+    raise ValueError(f"feature cosine undefined: feature norms {na:g} (regenerated) and "
+                     f"{nb:g} (query), finite: {bool(np.isfinite(f).all())}; the feature "
+                     "extractor gives zero or non-finite features for these images")
+  return float(f[0] @ f[1] / (na * nb))
 
 
 # ----------------------------------------------------------------------------- cells ---
@@ -574,26 +580,36 @@ class ResultStore:
 
 
 def cell_fingerprint(base_fingerprint: str, recipe_fp: str, loss: LossSettings,
-                     excluded: Sequence[int], regenerate: bool) -> str:
+                     excluded: Sequence[int], regenerate: bool, *, query: str = "",
+                     features: Any = None) -> str:
+  """What a stored cell's numbers depend on. `query` is the query's content digest
+  (`generation.query_digest`): a query name reused for another image or prompt is measured
+  again. `features` describes the ΔG feature extractor (its settings), None without one."""
   return scores_lib.settings_digest({"base": base_fingerprint, "recipe": recipe_fp,
                                      "loss": loss.definition(),
                                      "excluded": excluded_digest(excluded),
-                                     "regenerate": regenerate})
+                                     "regenerate": regenerate, "query": query,
+                                     "features": features})
 
 
 def run_counterfactual(cells: Sequence[Cell], queries: Mapping[str, Query], *,
                        cache: ModelCache, base_params: Any, base_fingerprint: str,
                        apply_fn: Callable, schedule: NoiseSchedule, store: ResultStore,
                        loss: LossSettings = LossSettings(), regenerate: Regenerate | None = None,
-                       feature_fn: FeatureFn | None = None,
+                       feature_fn: FeatureFn | None = None, feature_key: Any = None,
                        log: Callable[[str], None] = print) -> list[dict]:
   """Measures every cell not yet in `store`; returns all rows, in `cells` order.
 
   Work is grouped by model (cells with the same excluded set share one retraining), models
-  in order of their first cell.
+  in order of their first cell. `feature_key`: the settings of `feature_fn` (JSON-able), part
+  of each ΔG cell's fingerprint, so cells of another extractor are measured again.
   """
+  digests = {q: generation.query_digest(query) for q, query in queries.items()}
+  features = feature_key if (regenerate is not None and feature_fn is not None) else None
   fingerprints = {c.id: cell_fingerprint(base_fingerprint, cache.recipe_fingerprint, loss,
-                                         c.excluded, regenerate is not None) for c in cells}
+                                         c.excluded, regenerate is not None,
+                                         query=digests[c.query], features=features)
+                  for c in cells}
   todo = [c for c in cells if store.get(c.id, fingerprints[c.id]) is None]
   groups: dict[str, list[Cell]] = {}
   for c in todo:
@@ -633,8 +649,15 @@ def run_counterfactual(cells: Sequence[Cell], queries: Mapping[str, Query], *,
 # --------------------------------------------------------------------------- summary ---
 
 def mean_and_se(values: Sequence[float]) -> tuple[float, float, int]:
-  """(mean, standard error = sample std (ddof 1) / sqrt(n), n); s.e. is NaN for n < 2."""
-  x = np.asarray([v for v in values if v is not None and np.isfinite(v)], np.float64)
+  """(mean, standard error = sample std (ddof 1) / sqrt(n), n); s.e. is NaN for n < 2.
+  None (a field not measured) is skipped; a NaN or inf value is an error."""
+  x = np.asarray([v for v in values if v is not None], np.float64)
+  if not np.isfinite(x).all():
+    # A dropped value would leave a table whose n counts it: a NaN or inf is a failed
+    # measurement to look at, never a gap.
+    raise ValueError(f"{int((~np.isfinite(x)).sum())} of {x.size} values are not finite "
+                     f"({x[~np.isfinite(x)][:5].tolist()}): a measurement failed (diverged "
+                     "retraining or loss?); inspect and delete its stored cell to remeasure")
   if x.size == 0:
     return float("nan"), float("nan"), 0
   se = float(np.std(x, ddof=1) / np.sqrt(x.size)) if x.size > 1 else float("nan")

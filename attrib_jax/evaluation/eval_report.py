@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from attrib_jax import generation
 from attrib_jax import io_utils
 from attrib_jax.attribution import scores as scores_lib
 from attrib_jax.evaluation import counterfactual as cf
@@ -120,7 +121,10 @@ class ScoreStore:
     self.seconds: dict[str, float] = {}
 
   def get(self, method: str, query_name: str, query: Query, scorer: Scorer) -> np.ndarray:
+    # The query's content, not only its name: a name reused for another image or prompt is
+    # scored again.
     key = scores_lib.settings_digest({"scorer": scorer.key, "query": query_name,
+                                      "query_digest": generation.query_digest(query),
                                       "index": scores_lib.params_fingerprint({"i": self.index})})
     path = os.path.join(self.directory, method, cf.safe_name(query_name) + ".npz")
     if os.path.exists(path):
@@ -194,7 +198,8 @@ def evaluate(*, out_dir: str, queries: Mapping[str, Query], index: np.ndarray,
   rows = cf.run_counterfactual(
       cells, queries, cache=cache, base_params=base_params, base_fingerprint=base_fingerprint,
       apply_fn=apply_fn, schedule=schedule, store=cf.ResultStore(os.path.join(out_dir, "cells")),
-      loss=settings.loss, regenerate=regenerate, feature_fn=feature_fn, log=log)
+      loss=settings.loss, regenerate=regenerate, feature_fn=feature_fn,
+      feature_key=json.loads(json.dumps(settings.feature_extractor, default=str)), log=log)
   drift = _theta0_drift(queries, base_params, base_fingerprint, regenerate, out_dir)
 
   lds_result = None
@@ -262,10 +267,13 @@ def _theta0_drift(queries, base_params, base_fingerprint, regenerate, out_dir) -
   values = []
   for name in sorted(queries):
     cell = f"{name}|theta0"
-    row = store.get(cell, base_fingerprint)
+    # θ0 and the query's content (a name reused for another query is measured again).
+    fingerprint = scores_lib.settings_digest(
+        {"base": base_fingerprint, "query": generation.query_digest(queries[name])})
+    row = store.get(cell, fingerprint)
     if row is None:
       image = regenerate(base_params, queries[name])
-      row = {"cell": cell, "fingerprint": base_fingerprint,
+      row = {"cell": cell, "fingerprint": fingerprint,
              "mse": cf.pixel_mse(image, queries[name].image)}
       store.put(row)
     values.append(row["mse"])

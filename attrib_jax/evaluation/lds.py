@@ -19,12 +19,14 @@ of every subset sees identical noise per query.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import scipy.stats
 
+from attrib_jax import generation
 from attrib_jax.attribution import scores as scores_lib
 from attrib_jax.diffusion.schedules import NoiseSchedule
 from attrib_jax.evaluation import counterfactual as cf
@@ -72,6 +74,9 @@ def subset_losses(kept: Sequence[np.ndarray], index: np.ndarray,
   """Actual query losses [num_seeds, M, Q] (queries in sorted name order), one stored cell per
   (subset, seed); a cell missing some queries measures only those."""
   names = sorted(queries)
+  # A row's losses are keyed by the query's content, not its name alone: a name reused for
+  # another image or prompt is measured again.
+  key_of = {q: f"{q}|{generation.query_digest(queries[q])}" for q in names}
   index = np.sort(np.asarray(index, np.int64))
   out = np.full((len(caches), len(kept), len(names)), np.nan)
   for s, cache in enumerate(caches):
@@ -83,16 +88,17 @@ def subset_losses(kept: Sequence[np.ndarray], index: np.ndarray,
       row = store.get(cell_id, fingerprint) or {
           "cell": cell_id, "fingerprint": fingerprint, "subset": m, "seed_index": s,
           "model": cache.key(excluded), "num_excluded": int(excluded.size), "losses": {}}
-      missing = [q for q in names if q not in row["losses"]]
+      missing = [q for q in names if key_of[q] not in row["losses"]]
       if missing:
         t0 = time.time()
         params = cache.params(excluded)
         for q in missing:
-          row["losses"][q] = cf.query_loss(apply_fn, params, queries[q], schedule, loss)
+          row["losses"][key_of[q]] = cf.query_loss(apply_fn, params, queries[q], schedule,
+                                                   loss)
         store.put(row)
         log(f"lds: subset {m + 1}/{len(kept)}, recipe {s + 1}/{len(caches)}: {len(missing)} "
             f"query losses in {time.time() - t0:.1f}s")
-      out[s, m] = [row["losses"][q] for q in names]
+      out[s, m] = [row["losses"][key_of[q]] for q in names]
   return out
 
 
@@ -122,11 +128,14 @@ def lds_per_query(kept: Sequence[np.ndarray], index: np.ndarray,
 
 
 def summarize(per_query: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
-  """method -> {'lds', 'lds_se', 'n'}: mean ± s.e. over queries (NaN correlations skipped)."""
+  """method -> {'lds', 'lds_se', 'n', 'n_undefined'}: mean ± s.e. over the queries whose
+  Spearman is defined; `n_undefined` counts those whose is not (NaN: constant scores or
+  losses over the subsets), so the table says how many the mean left out."""
   out = {}
   for method, values in sorted(per_query.items()):
-    mean, se, n = cf.mean_and_se(list(values.values()))
-    out[method] = {"lds": mean, "lds_se": se, "n": n}
+    defined = [v for v in values.values() if not math.isnan(v)]
+    mean, se, n = cf.mean_and_se(defined)
+    out[method] = {"lds": mean, "lds_se": se, "n": n, "n_undefined": len(values) - n}
   return out
 
 
