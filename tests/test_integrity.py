@@ -234,3 +234,39 @@ def test_zero_norm_features_are_an_error_not_a_score_of_zero():
   image = np.zeros((4, 4, 3), np.uint8)
   with pytest.raises(ValueError, match="undefined"):
     cf.feature_cosine(lambda images: np.zeros((len(images), 3)), image, image)
+
+
+# ------------------------------------------------------------------ training resume ---
+
+def test_interrupted_training_rerun_with_other_settings_is_refused(tmp_path, monkeypatch):
+  """launch.train interrupted, rerun with another learning rate, step count or --excluded:
+  an error naming what differs, not a resume of the old run under the new name."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  from attrib_jax.training import recipe  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module("configs.tiny").get_config("smoke")
+  arrays = {"text_states": np.zeros((1, 1, 1, config.unet.cross_attention_dim), np.float32)}
+  monkeypatch.setattr(recipe, "prepare",
+                      lambda config, workdir, log: (None, arrays, os.path.join(workdir, "model")))
+  monkeypatch.setattr(recipe, "dataset_version", lambda config: "v")
+  monkeypatch.setattr(recipe.unet_lib, "init_unet", lambda *a: (None, None))
+
+  def interrupted_training(*, workdir, **kwargs):
+    os.makedirs(os.path.join(workdir, "checkpoints", "40"), exist_ok=True)   # a step was saved
+    raise Interrupt
+  monkeypatch.setattr(recipe.loop, "train", interrupted_training)
+  workdir = str(tmp_path / "run")
+  with pytest.raises(Interrupt):
+    recipe.run(config, workdir, log=lambda s: None)
+  other_lr = config.copy_and_resolve_references()
+  other_lr.train.learning_rate = 2 * config.train.learning_rate
+  with pytest.raises(ValueError, match="train.learning_rate"):
+    recipe.run(other_lr, workdir, log=lambda s: None)
+  other_steps = config.copy_and_resolve_references()
+  other_steps.train.num_steps = config.train.num_steps + 1
+  with pytest.raises(ValueError, match="train.num_steps"):
+    recipe.run(other_steps, workdir, log=lambda s: None)
+  with pytest.raises(ValueError, match="excluded"):
+    recipe.run(config, workdir, excluded=(1, 2), log=lambda s: None)
+  with pytest.raises(Interrupt):   # the same settings resume
+    recipe.run(config, workdir, log=lambda s: None)
+  assert not os.path.exists(os.path.join(workdir, "model", "DONE.json"))

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from attrib_jax import io_utils
 from attrib_jax import parallel
 from attrib_jax.data import precompute
 from attrib_jax.data import reader
@@ -49,6 +50,37 @@ class DatasetSource(NamedTuple):
 
 def fingerprint(tree: Any) -> str:
   return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _claim_run(config: ml_collections.ConfigDict, train_dir: str, trained_with: dict,
+               settings: dict) -> None:
+  """Records in `train_dir`/RUN.json what the run there trains, before its first step; a rerun
+  with other settings is refused, naming what differs. Resuming another recipe's checkpoints
+  would end in a model (and a DONE.json) that claims settings it was not trained with."""
+  path = os.path.join(train_dir, "RUN.json")
+  record = {"fingerprint": fingerprint(trained_with), "settings": settings,
+            "data_version": trained_with["data_version"]}
+  if os.path.exists(path):
+    with open(path) as f:
+      held = json.load(f)
+    if held["fingerprint"] == record["fingerprint"]:
+      return
+    differ = trained_with_differences(config, held)
+    if held["settings"]["excluded"] != settings["excluded"]:
+      differ.append(f"excluded ({len(held['settings']['excluded'])} items then, "
+                    f"{len(settings['excluded'])} now)")
+    if held.get("data_version") != record["data_version"]:
+      differ.append(f"dataset version ({held.get('data_version')} then, "
+                    f"{record['data_version']} now)")
+    raise ValueError(
+        f"{train_dir} holds an interrupted run with other settings ("
+        f"{', '.join(differ) or 'recipe'} differ): rerun with its settings to resume it, or "
+        f"use another --workdir (or delete {train_dir})")
+  checkpoints = os.path.join(train_dir, "checkpoints")
+  if os.path.isdir(checkpoints) and os.listdir(checkpoints):
+    raise ValueError(f"{checkpoints} holds checkpoints with no record of their settings "
+                     f"({path} missing): they cannot be resumed safely; delete {train_dir}")
+  io_utils.atomic_write_json(path, record, sort_keys=False)
 
 
 def _builder_class(kind: str):
@@ -205,9 +237,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, log=print):
   pipeline_lib.save_model_index(model_dir,
                                 pixel_space=not os.path.isdir(os.path.join(model_dir, "vae")))
   metadata_path = os.path.join(workdir, "dataset_metadata.json")
-  with open(metadata_path + ".tmp", "w") as f:
-    json.dump(source.metadata, f, indent=2)
-  os.replace(metadata_path + ".tmp", metadata_path)
+  io_utils.atomic_write_json(metadata_path, source.metadata, sort_keys=False)
 
   encode_images, encode_text = _encoders(config, model_dir)
   pre_dir = os.path.join(workdir, "precomputed")
@@ -241,6 +271,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, excluded=(), log=pri
       return model_dir
     raise ValueError(f"{model_dir} holds a model trained with other settings; use another "
                      "--workdir (or delete it)")
+  _claim_run(config, os.path.join(workdir, "train"), trained_with, settings)
   _, arrays, model_dir = prepare(config, workdir, log=log)
   width = np.shape(arrays["text_states"])[-1]
   if width != config.unet.cross_attention_dim:
@@ -273,9 +304,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, excluded=(), log=pri
                            sort_keys=True, default=str))
   params = state.ema_params if state.ema_params is not None else state.params
   pipeline_lib.save_unet(os.path.join(model_dir, "unet"), jax.device_get(params), unet_config)
-  with open(done_path + ".tmp", "w") as f:
-    json.dump({"fingerprint": fingerprint(trained_with), "settings": settings}, f, indent=2)
-  os.replace(done_path + ".tmp", done_path)
+  io_utils.atomic_write_json(done_path, {"fingerprint": fingerprint(trained_with),
+                                         "settings": settings}, sort_keys=False)
   log(f"train: model written to {model_dir}")
   return model_dir
 
