@@ -23,6 +23,7 @@ setuptools.setup(
         "safetensors",
         "numpy",
         "pillow",
+        "matplotlib",  # the evaluation's plots (Agg backend, no display)
         "regex",  # the CLIP tokenizer's pre-tokenisation pattern needs \p{L} classes
     ],
     extras_require={

@@ -62,7 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       random_flip=False,      # captions may name left and right
       caption_dropout=0.1, ema_decay=None if smoke else 0.999,
       min_snr_gamma=0.0 if smoke else 5.0,
-      checkpoint_every=2 if smoke else 1000, log_every=2 if smoke else 250,
+      checkpoint_every=4 if smoke else 1000, log_every=2 if smoke else 250,
       sample_every=0 if smoke else 1000, num_devices=0))
   c.generate = ml_collections.ConfigDict(dict(
       sampler="ddim", num_steps=5 if smoke else 50, guidance_scale=2.0, eta=0.0, seed=0,

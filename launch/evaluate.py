@@ -189,7 +189,8 @@ def main(argv):
       scorers=_scorers(config, settings, pipe, apply_fn, arrays, source, base_fp, out_dir, mesh),
       settings=settings, make_cache=make_cache, base_params=pipe.unet_params,
       base_fingerprint=base_fp, apply_fn=apply_fn, schedule=pipe.schedule,
-      regenerate=regenerate, feature_fn=feature_fn, log=common.log)
+      regenerate=regenerate, feature_fn=feature_fn,
+      get_images=lambda indices: source.get_items(np.asarray(indices))[0], log=common.log)
   common.log(f"evaluate: report at {os.path.join(out_dir, 'report.html')}")
 
 

@@ -69,11 +69,10 @@ def test_own_folder_train_generate_attribute(tmp_path):
   assert os.path.exists(os.path.join(out, "report.html"))
   # A changed folder is a changed dataset: the finished model is not silently reused.
   Image.new("RGB", (30, 40), (0, 0, 0)).save(os.path.join(folder, "img01.jpg"))
-  env = dict(os.environ, XLA_FLAGS="")
-  rerun = subprocess.run([sys.executable, "-m", "launch.train", "--config=configs/folder.py:smoke",
-                          f"--workdir={workdir}", f"--config.world.manual_dir={folder}"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert rerun.returncode != 0 and "trained with other settings" in rerun.stderr, rerun.stderr[-2000:]
+  config = folder_config.get_config("smoke")
+  config.world.manual_dir = folder
+  with pytest.raises(ValueError, match="trained with other settings"):
+    recipe.run(config, workdir)
 
 
 def _open(folder, tmp_path):

@@ -298,10 +298,10 @@ def attribute_queries(abu: AbU, query_dirs: Sequence[str],
     get_images: dataset indices -> uint8 training images (for the pictures).
     region: attribute this pixel box of every query only (local attribution; the report and
       pictures then describe the region's results, the box drawn on the query).
-    baselines: name -> (query -> scores aligned with abu.index), reported beside AbU where a
-      query has ground truth (`influential_indices` in its query.json).
+    baselines: name -> (query -> scores aligned with abu.index): their top-k shown beside AbU's,
+      with Recall@10 where a query has ground truth (`influential_indices` in its query.json).
   """
-  entries = []
+  entries, query_images = [], {}
   meter = scores_lib.ProgressMeter("attribute", len(query_dirs), "queries")
   for number, directory in enumerate(query_dirs, 1):
     name = os.path.basename(directory.rstrip("/"))
@@ -321,15 +321,20 @@ def attribute_queries(abu: AbU, query_dirs: Sequence[str],
                              [score_of[int(i)] for i in top], truth)
     entry = {"name": name, "prompt": query.info.get("prompt"), "picture": picture,
              "top": top.tolist(), "seconds": result["meta"]["settings"]["seconds"]}
+    # Every method's top-k goes on the report side by side; recall where truth is known.
+    rankings = {abu.settings.method: ranking}
+    for method, fn in baselines.items():
+      rankings[method] = scores_lib.rank(fn(query), abu.index)
+    entry["topk"] = {m: r[:top_k].tolist() for m, r in rankings.items()}
     if truth:
-      entry["recall@10"] = {abu.settings.method: scores_lib.recall_at_k(ranking, truth, 10)}
-      for method, fn in baselines.items():
-        entry["recall@10"][method] = scores_lib.recall_at_k(
-            scores_lib.rank(fn(query), abu.index), truth, 10)
+      entry["truth"] = [int(t) for t in truth]
+      entry["recall@10"] = {m: scores_lib.recall_at_k(r, truth, 10) for m, r in rankings.items()}
     entries.append(entry)
+    query_images[name] = shown.image
   summary = report.summarise(entries)
   suffix = "" if region is None else f".{region.key}"   # a region's report beside the whole's
-  report.write_report(os.path.join(abu.out_dir, f"report{suffix}.html"), entries, summary)
+  report.write_report(os.path.join(abu.out_dir, f"report{suffix}.html"), entries, summary,
+                      get_images=get_images, query_images=query_images)
   scores_lib.atomic_write_json(os.path.join(abu.out_dir, f"summary{suffix}.json"),
                                {"queries": entries, "summary": summary, "region": (
                                    None if region is None else region.as_list())})

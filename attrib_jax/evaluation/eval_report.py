@@ -14,7 +14,7 @@ The printed table depends only on the cells' numbers, which depend only on the s
 seeds, same table text.
 
 Settings come from the config's `evaluation` block (`EvalSettings.from_config`); unknown keys
-are errors. Plots are drawn with PIL (matplotlib is not installed in this environment).
+are errors. Plots are drawn with matplotlib (Agg backend).
 """
 from __future__ import annotations
 
@@ -29,10 +29,10 @@ import time
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 
 from attrib_jax import generation
 from attrib_jax import io_utils
+from attrib_jax.attribution import report as report_lib
 from attrib_jax.attribution import scores as scores_lib
 from attrib_jax.evaluation import counterfactual as cf
 from attrib_jax.evaluation import lds as lds_lib
@@ -152,6 +152,7 @@ def evaluate(*, out_dir: str, queries: Mapping[str, Query], index: np.ndarray,
              make_cache: Callable[[int | None], cf.ModelCache], base_params: Any,
              base_fingerprint: str, apply_fn: Callable, schedule: Any,
              regenerate: cf.Regenerate | None = None, feature_fn: cf.FeatureFn | None = None,
+             get_images: Callable[[np.ndarray], np.ndarray] | None = None,
              log: Callable[[str], None] = print) -> dict[str, Any]:
   """Scores -> leave-K-out cells -> LDS -> table, plots and report. Resumable.
 
@@ -163,6 +164,8 @@ def evaluate(*, out_dir: str, queries: Mapping[str, Query], index: np.ndarray,
     make_cache: training seed (None: the recipe's own) -> the `ModelCache` retraining with it.
     base_params, base_fingerprint: θ0 and its `params_fingerprint`.
     regenerate, feature_fn: for ΔG (None: ΔG is skipped / only the pixel MSE is reported).
+    get_images: dataset indices -> uint8 training images; with it the report shows each
+      method's top-K per query side by side, ground truth marked.
   Returns:
     summary.json's content, plus 'markdown' (the table text).
   """
@@ -240,8 +243,10 @@ def evaluate(*, out_dir: str, queries: Mapping[str, Query], index: np.ndarray,
       "scoring_seconds": store.seconds, "seconds_this_run": time.time() - t_start,
       "settings": json.loads(json.dumps(dataclasses.asdict(settings), default=str))}
   scores_lib.atomic_write_json(os.path.join(out_dir, "summary.json"), summary)
+  topk = (topk_section(queries, rankings, min(max(ks), 20), get_images)
+          if get_images is not None and ks else "")
   write_html(os.path.join(out_dir, "report.html"), summary, markdown,
-             plots=["delta_loss.png"] + (["lds.png"] if lds_result else []))
+             plots=["delta_loss.png"] + (["lds.png"] if lds_result else []), topk_html=topk)
   log(f"evaluate: {len(rows)} cells, table:\n{markdown}")
   return dict(summary, markdown=markdown)
 
@@ -351,126 +356,78 @@ def _write_jsonl(path: str, rows: Sequence[dict]) -> None:
 
 # ----------------------------------------------------------------------------- plots ---
 
-_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-           (140, 86, 75), (227, 119, 194), (127, 127, 127)]
-_W, _H, _LEFT, _RIGHT, _TOP, _BOTTOM = 640, 420, 80, 150, 40, 60
+def _save_figure(path: str, fig) -> None:
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=100)
+  _write_bytes(path, buffer.getvalue())
 
 
-def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-  if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
-    return [lo]
-  raw = (hi - lo) / n
-  step = 10 ** math.floor(math.log10(raw))
-  step *= next(m for m in (1, 2, 5, 10) if raw <= m * step)
-  first = math.ceil(lo / step) * step
-  return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
-
-
-class _Axes:
-  """Data -> pixel mapping with a frame, ticks and labels, on a white PIL canvas."""
-
-  def __init__(self, xlim, ylim, title, xlabel, ylabel, xpad=0.08):
-    self.image = Image.new("RGB", (_W, _H), "white")
-    self.draw = ImageDraw.Draw(self.image)
-    self.font = ImageFont.load_default()
-    pad = lambda lo, hi, f: (lo - f * (hi - lo or 1), hi + f * (hi - lo or 1))
-    self.xlim, self.ylim = pad(*xlim, xpad), pad(*ylim, 0.08)
-    d = self.draw
-    d.rectangle([_LEFT, _TOP, _W - _RIGHT, _H - _BOTTOM], outline="black")
-    d.text((_LEFT, 12), title, fill="black", font=self.font)
-    d.text(((_LEFT + _W - _RIGHT) // 2 - 3 * len(xlabel), _H - 22), xlabel, fill="black",
-           font=self.font)
-    d.text((6, _TOP - 16), ylabel, fill="black", font=self.font)
-    for y in _ticks(*ylim):
-      py = self.py(y)
-      d.line([_LEFT - 4, py, _LEFT, py], fill="black")
-      d.line([_LEFT + 1, py, _W - _RIGHT - 1, py], fill=(230, 230, 230))
-      d.text((6, py - 6), f"{y:.3g}", fill="black", font=self.font)
-    if ylim[0] < 0 < ylim[1]:
-      d.line([_LEFT + 1, self.py(0), _W - _RIGHT - 1, self.py(0)], fill=(150, 150, 150))
-
-  def px(self, x):
-    return _LEFT + (x - self.xlim[0]) / (self.xlim[1] - self.xlim[0]) * (_W - _LEFT - _RIGHT)
-
-  def py(self, y):
-    return _H - _BOTTOM - (y - self.ylim[0]) / (self.ylim[1] - self.ylim[0]) * (
-        _H - _TOP - _BOTTOM)
-
-  def xtick(self, x, label):
-    px = self.px(x)
-    self.draw.line([px, _H - _BOTTOM, px, _H - _BOTTOM + 4], fill="black")
-    self.draw.text((px - 3 * len(label), _H - _BOTTOM + 8), label, fill="black",
-                   font=self.font)
-
-  def legend(self, i, label, color):
-    y = _TOP + 8 + 16 * i
-    self.draw.rectangle([_W - _RIGHT + 10, y, _W - _RIGHT + 22, y + 10], fill=color)
-    self.draw.text((_W - _RIGHT + 28, y - 1), label, fill="black", font=self.font)
-
-  def save(self, path):
-    buffer = io.BytesIO()
-    self.image.save(buffer, format="PNG")
-    _write_bytes(path, buffer.getvalue())
-
-
-def _limits(values: Sequence[float]) -> tuple[float, float]:
-  finite = [v for v in values if math.isfinite(v)]
-  if not finite:
-    return 0.0, 1.0
-  lo, hi = min(finite), max(finite)
-  return (lo - 0.5, hi + 0.5) if lo == hi else (lo, hi)
+def _figure(title: str, xlabel: str, ylabel: str):
+  # Agg: a file-only backend, no display needed (launchers run on headless machines).
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import figure  # pylint: disable=g-import-not-at-top
+  fig = figure.Figure(figsize=(6.4, 4.2), layout="constrained")
+  ax = fig.add_subplot()
+  ax.set_title(title)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.grid(True, color="#e6e6e6")
+  ax.axhline(0.0, color="#969696", linewidth=0.8)
+  return fig, ax
 
 
 def plot_lines(path: str, series: Mapping[str, Sequence[tuple[float, float, float]]], *,
                title: str, xlabel: str, ylabel: str) -> None:
   """One line per method through (x, mean) with ±s.e. bars."""
-  points = [p for s in series.values() for p in s]
-  se = lambda p: p[2] if math.isfinite(p[2]) else 0.0
-  xs = sorted({p[0] for p in points})
-  ax = _Axes(_limits(xs), _limits([p[1] + se(p) for p in points] + [p[1] - se(p) for p in points]
-                                  + [0.0]), title, xlabel, ylabel)
-  for x in xs:
-    ax.xtick(x, str(x))
-  for i, (name, s) in enumerate(series.items()):
-    color = _COLORS[i % len(_COLORS)]
-    pts = [(ax.px(x), ax.py(m)) for x, m, _ in s if math.isfinite(m)]
-    if len(pts) > 1:
-      ax.draw.line(pts, fill=color, width=2)
-    for x, m, e in s:
-      if not math.isfinite(m):
-        continue
-      if math.isfinite(e):
-        ax.draw.line([ax.px(x), ax.py(m - e), ax.px(x), ax.py(m + e)], fill=color, width=1)
-      ax.draw.ellipse([ax.px(x) - 3, ax.py(m) - 3, ax.px(x) + 3, ax.py(m) + 3], fill=color)
-    ax.legend(i, name, color)
-  ax.save(path)
+  fig, ax = _figure(title, xlabel, ylabel)
+  xs = sorted({p[0] for s in series.values() for p in s})
+  for name, s in series.items():
+    pts = [(x, m, e if math.isfinite(e) else 0.0) for x, m, e in s if math.isfinite(m)]
+    if pts:
+      x, m, e = zip(*pts)
+      ax.errorbar(x, m, yerr=e, marker="o", markersize=4, capsize=3, label=name)
+  ax.set_xticks(xs)
+  if series:
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+  _save_figure(path, fig)
 
 
 def plot_bars(path: str, values: Mapping[str, tuple[float, float]], *, title: str,
               ylabel: str) -> None:
   """One bar per method (mean) with a ±s.e. bar."""
-  se = lambda e: e if math.isfinite(e) else 0.0
-  ys = [m + s * se(e) for m, e in values.values() for s in (-1, 1)] + [0.0]
-  ax = _Axes((-0.6, len(values) - 0.4), _limits(ys), title, "method", ylabel, xpad=0.0)
-  for i, (name, (m, e)) in enumerate(values.items()):
-    color = _COLORS[i % len(_COLORS)]
-    half = 0.3 * (ax.px(1) - ax.px(0))
-    if math.isfinite(m):
-      ax.draw.rectangle([ax.px(i) - half, min(ax.py(m), ax.py(0)), ax.px(i) + half,
-                         max(ax.py(m), ax.py(0))], fill=color)
-      if math.isfinite(e):
-        ax.draw.line([ax.px(i), ax.py(m - e), ax.px(i), ax.py(m + e)], fill="black", width=1)
-    ax.xtick(i, name)
-    ax.legend(i, name, color)
-  ax.save(path)
+  fig, ax = _figure(title, "method", ylabel)
+  names = list(values)
+  means = [m if math.isfinite(m) else 0.0 for m, _ in values.values()]
+  errors = [e if math.isfinite(e) else 0.0 for _, e in values.values()]
+  colors = [f"C{i}" for i in range(len(names))]
+  ax.bar(range(len(names)), means, yerr=errors, color=colors, capsize=3)
+  ax.set_xticks(range(len(names)), names)
+  _save_figure(path, fig)
 
 
 # ------------------------------------------------------------------------------ html ---
 
+def topk_section(queries: Mapping[str, Query], rankings: Mapping[str, Mapping[str, np.ndarray]],
+                 k: int, get_images: Callable[[np.ndarray], np.ndarray]) -> str:
+  """Every query's image beside each ranked method's top k (what leave-K-out removes)."""
+  shown = sorted({int(i) for by_query in rankings.values() for r in by_query.values()
+                  for i in r[:k]})
+  images = dict(zip(shown, np.asarray(get_images(np.asarray(shown, np.int64)))))
+  blocks = [report_lib.topk_block(f"{name}: {queries[name].info.get('prompt', '')}",
+                                  queries[name].image,
+                                  {m: by_query[name][:k] for m, by_query in rankings.items()},
+                                  images, queries[name].info.get("influential_indices") or ())
+            for name in sorted(queries)]
+  return (f"<h2>Each method's top {k}</h2>" + report_lib.LEGEND + "".join(blocks))
+
+
 def write_html(path: str, summary: Mapping[str, Any], markdown: str,
-               plots: Sequence[str]) -> None:
-  """One page: the table, the plots, the definitions and the run's settings."""
+               plots: Sequence[str], topk_html: str = "") -> None:
+  """One page: the table, the plots, each method's top-K per query (when given), the
+  definitions and the run's settings."""
   table = summary["table"]
+  plot_tags = "".join(f'<img src="{html.escape(p)}" alt="{html.escape(p)}">' for p in plots)
   rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in table_cells(e))
                  + "</tr>" for e in table)
   head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
@@ -485,14 +442,17 @@ def write_html(path: str, summary: Mapping[str, Any], markdown: str,
               "scores over a subset's items and minus the query loss of the model trained on it;"
               " mean ± s.e. over queries." if lds else "LDS was not run.")
   page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Counterfactual
-evaluation</title><style>body{{font-family:sans-serif;max-width:1100px;margin:auto}}
+evaluation</title><meta name="viewport" content="width=device-width, initial-scale=1">
+<style>{report_lib.PAGE_CSS}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
+.plots{{display:flex;flex-wrap:wrap;gap:8px}}
+.plots img{{flex:1 1 420px;max-width:640px;min-width:0}}
 </style></head><body>
 <h1>Counterfactual evaluation</h1>
 <p>{summary['num_items']} training items, {len(summary['queries'])} queries, K =
 {', '.join(map(str, summary['ks']))}; {summary['models_trained_this_run']} models trained in
 this run, which took {summary['seconds_this_run']:.0f} s.</p>
-<table><tr>{head}</tr>{rows}</table>
+<div class="wide"><table><tr>{head}</tr>{rows}</table></div>
 <p>ΔL = L(query, θ without the method's top-K) − L(query, θ0), the query's denoising loss
 averaged over timesteps 0, {summary['settings']['loss']['timestep_stride']}, … with keyed noise
 shared by both models; higher = the removed items mattered more. ΔL − random: the paired
@@ -502,7 +462,8 @@ standard errors. ΔG: the query regenerated with the same prompt and seed under 
 model, against the original image: pixel MSE (pixels in [0, 1]; higher = more influence) and
 cosine similarity of model-free random-conv features (lower = more influence). {drift_text}</p>
 <p>{lds_text}</p>
-{''.join(f'<img src="{html.escape(p)}" alt="{html.escape(p)}">' for p in plots)}
+<div class="plots">{plot_tags}</div>
+{topk_html}
 <h2>Markdown</h2><pre>{html.escape(markdown)}</pre>
 <h2>Settings</h2><pre>{html.escape(json.dumps(summary['settings'], indent=2, sort_keys=True))}</pre>
 </body></html>
