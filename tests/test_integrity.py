@@ -270,3 +270,47 @@ def test_interrupted_training_rerun_with_other_settings_is_refused(tmp_path, mon
   with pytest.raises(Interrupt):   # the same settings resume
     recipe.run(config, workdir, log=lambda s: None)
   assert not os.path.exists(os.path.join(workdir, "model", "DONE.json"))
+
+
+# ------------------------------------------------------------- EK-FAC checkpoints ---
+
+EKFAC = ekfac_lib.EKFACSettings(num_epochs=1, batch_size=8, flush_every=1)
+
+
+def test_ekfac_factor_passes_resume_from_their_checkpoints(micro, tmp_path, monkeypatch):
+  monkeypatch.setattr(ekfac_lib, "_PROGRESS_EVERY", 1)
+  compute = lambda **kw: ekfac_lib.compute_ekfac(ta.APPLY, micro["params"], micro["arrays"],
+                                                 ta.SCHEDULE, settings=EKFAC, **kw)
+  reference = compute(mesh=parallel.make_mesh(8))
+  prefix = str(tmp_path / "ekfac_partial")
+  seen = []
+
+  def interrupt(stage, examples):
+    def progress(p):
+      seen.append((p.stage, p.done))
+      if p.stage == stage and p.done >= examples:
+        raise Interrupt
+    return progress
+  # Killed within pass 1, resumed on 4 devices with another batch size, killed in pass 2.
+  with pytest.raises(Interrupt):
+    compute(mesh=parallel.make_mesh(8), checkpoint_path=prefix,
+            progress=interrupt("ekfac-covariance", 16))
+  seen.clear()
+  with pytest.raises(Interrupt):
+    ekfac_lib.compute_ekfac(ta.APPLY, micro["params"], micro["arrays"], ta.SCHEDULE,
+                            settings=dataclasses.replace(EKFAC, batch_size=12),
+                            mesh=parallel.make_mesh(4), checkpoint_path=prefix,
+                            progress=interrupt("ekfac-eigenvalues", 24))
+  assert seen[0] == ("ekfac-covariance", 16 + 12)     # pass 1 continued after its 16
+  seen.clear()
+  resumed = compute(mesh=parallel.make_mesh(8), checkpoint_path=prefix, progress=seen.append)
+  assert {p.stage for p in seen} == {"ekfac-eigenvalues"}   # pass 1 not run again
+  assert seen[0].done == 24 + 8                               # pass 2 continued after its 24
+  for m, ref in reference.layers.items():
+    for field in ("activation_cov", "gradient_cov", "eigenvalues"):
+      np.testing.assert_allclose(getattr(resumed.layers[m], field), getattr(ref, field),
+                                 rtol=1e-5, atol=1e-7 * np.abs(getattr(ref, field)).max())
+  other = dataclasses.replace(EKFAC, seed=1)
+  with pytest.raises(ValueError, match="other settings"):
+    ekfac_lib.compute_ekfac(ta.APPLY, micro["params"], micro["arrays"], ta.SCHEDULE,
+                            settings=other, mesh=parallel.make_mesh(8), checkpoint_path=prefix)

@@ -51,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -70,6 +71,7 @@ from attrib_jax.diffusion.schedules import NoiseSchedule
 Path = selection.Path
 Flat = selection.Flat
 EKFAC_VERSION = 1
+_PROGRESS_EVERY = 50   # micro-batches between progress reports
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -357,10 +359,25 @@ def _plan(apply_fn, params, arrays, rows, settings: EKFACSettings) -> _Plan:
   return _Plan(rows, index, num_captions, layers, settings.num_epochs * 2 * rows.size)
 
 
+def _pass_checkpoint_key(fingerprint: str, stage: str, bases) -> str:
+  """What a pass's partial sums depend on: the factors' fingerprint (model, items, settings),
+  the pass, and for the eigenvalue pass the bases it projects onto."""
+  digest = "" if bases is None else scores_lib.params_fingerprint(
+      {selection.path_name(m): {"a": np.asarray(qa), "g": np.asarray(qg)}
+       for m, (qa, qg) in bases.items()})
+  return scores_lib.settings_digest({"factors": fingerprint, "stage": stage, "bases": digest})
+
+
 def _run_pass(apply_fn, params, arrays, schedule, plan: _Plan, settings: EKFACSettings, mesh,
-              bases, stage: str, progress) -> dict:
+              bases, stage: str, progress, checkpoint_path: str | None = None,
+              fingerprint: str = "") -> dict:
   """One sweep over the plan's examples: the float64 host sums of the `_factor_step` tree
-  (covariances when `bases` is None, else the eigenvalues in those bases)."""
+  (covariances when `bases` is None, else the eigenvalues in those bases).
+
+  checkpoint_path: the sums and the number of examples done, written atomically at every
+  flush; a rerun of the same pass (same `fingerprint`, stage and bases) continues from there,
+  under any batch size or device count (the draws are keyed per example)."""
+  key = checkpoint_path and _pass_checkpoint_key(fingerprint, stage, bases)
   refit = bases is not None
   step = _factor_step(apply_fn, mesh, plan.layers, settings.min_snr_gamma)
   batch = parallel.pad_to_multiple(settings.batch_size, mesh.size)
@@ -382,11 +399,29 @@ def _run_pass(apply_fn, params, arrays, schedule, plan: _Plan, settings: EKFACSe
   host = jax.tree.map(lambda z: z.astype(np.float64), shapes)
   zeros = lambda: jax.device_put(jax.tree.map(lambda z: z.astype(np.float32), shapes), rep)
   acc, comp = zeros(), zeros()
-  meter = scores_lib.ProgressMeter(stage, total, "examples")
+  start = 0
+  if checkpoint_path and os.path.exists(checkpoint_path):
+    with np.load(checkpoint_path) as ckpt:
+      if str(ckpt["key"]) != key:
+        raise ValueError(f"{checkpoint_path} is an EK-FAC {stage} checkpoint of other "
+                         "settings, model, items or bases; delete it or use another path")
+      start = int(ckpt["examples_done"])
+      host = {layer.module: {k: ckpt[f"{selection.path_name(layer.module)}/{k}"]
+                             for k in ("A", "G", "L")} for layer in plan.layers}
+  num_batches = -(-(total - start) // batch)   # of this run
+  meter = scores_lib.ProgressMeter(stage, total, "examples", start=start)
+
+  def save(examples_done: int):
+    if checkpoint_path and jax.process_index() == 0:   # every process holds the same sums
+      scores_lib.atomic_savez(checkpoint_path, key=np.asarray(key),
+                              examples_done=np.asarray(examples_done),
+                              **{f"{selection.path_name(m)}/{k}": v
+                                 for m, sums in host.items() for k, v in sums.items()})
+
   gather = fisher_lib._gather_rows  # pylint: disable=protected-access  (the Fisher's batches)
 
   for b in range(num_batches):
-    ids = np.arange(b * batch, min((b + 1) * batch, total))
+    ids = np.arange(start + b * batch, min(start + (b + 1) * batch, total))
     epoch, within = np.divmod(ids, per_epoch)
     pos, flip = np.divmod(within, 2)
     valid = np.ones(batch, np.float32)
@@ -410,8 +445,9 @@ def _run_pass(apply_fn, params, arrays, schedule, plan: _Plan, settings: EKFACSe
       host = jax.tree.map(lambda h, x, y: h + x.astype(np.float64) - y.astype(np.float64),
                           host, a, c)
       acc, comp = zeros(), zeros()
-    if progress and (done % 50 == 0 or done == num_batches):
-      progress(meter(min(done * batch, total)))
+      save(min(start + done * batch, total))
+    if progress and (done % _PROGRESS_EVERY == 0 or done == num_batches):
+      progress(meter(min(start + done * batch, total)))
   return host
 
 
@@ -446,12 +482,16 @@ def _fingerprint(params_fp: str, settings: EKFACSettings, index: np.ndarray,
 def compute_covariances(apply_fn: Callable, params: Mapping[str, Any], arrays: Mapping[str, Any],
                         schedule: NoiseSchedule, *, settings: EKFACSettings = EKFACSettings(),
                         mesh=None, rows: np.ndarray | None = None,
-                        progress: Callable[[scores_lib.Progress], None] | None = None) -> EKFAC:
-  """Pass 1: A and G of every selected Dense layer, eigendecomposed; Λ not yet fitted."""
+                        progress: Callable[[scores_lib.Progress], None] | None = None,
+                        checkpoint_path: str | None = None) -> EKFAC:
+  """Pass 1: A and G of every selected Dense layer, eigendecomposed; Λ not yet fitted.
+  `checkpoint_path`: the pass's partial sums (see `_run_pass`)."""
   mesh = mesh or parallel.make_mesh()
   plan = _plan(apply_fn, params, arrays, rows, settings)
+  fingerprint = _fingerprint(scores_lib.params_fingerprint(params), settings, plan.index,
+                             schedule, plan.num_examples)
   sums = _run_pass(apply_fn, params, arrays, schedule, plan, settings, mesh, None,
-                   "ekfac-covariance", progress)
+                   "ekfac-covariance", progress, checkpoint_path, fingerprint)
   layers = {}
   for layer in plan.layers:
     rows_seen = plan.num_examples * layer.tokens
@@ -474,9 +514,10 @@ def fit_eigenvalues(apply_fn: Callable, params: Mapping[str, Any], arrays: Mappi
                     schedule: NoiseSchedule, factors: EKFAC, *,
                     settings: EKFACSettings = EKFACSettings(), mesh=None,
                     rows: np.ndarray | None = None,
-                    progress: Callable[[scores_lib.Progress], None] | None = None) -> EKFAC:
+                    progress: Callable[[scores_lib.Progress], None] | None = None,
+                    checkpoint_path: str | None = None) -> EKFAC:
   """Pass 2: Λ = mean over examples of (Q_Aᵀ ∇K Q_G)², same examples as pass 1 (the same
-  model, items and settings, else an error)."""
+  model, items and settings, else an error). `checkpoint_path`: as pass 1's."""
   mesh = mesh or parallel.make_mesh()
   plan = _plan(apply_fn, params, arrays, rows, settings)
   fingerprint = _fingerprint(scores_lib.params_fingerprint(params), settings, plan.index,
@@ -487,7 +528,7 @@ def fit_eigenvalues(apply_fn: Callable, params: Mapping[str, Any], arrays: Mappi
                      "selection than this eigenvalue pass")
   bases = {m: (f.activation_eigvecs, f.gradient_eigvecs) for m, f in factors.layers.items()}
   sums = _run_pass(apply_fn, params, arrays, schedule, plan, settings, mesh, bases,
-                   "ekfac-eigenvalues", progress)
+                   "ekfac-eigenvalues", progress, checkpoint_path, fingerprint)
   layers = {m: dataclasses.replace(f, eigenvalues=sums[m]["L"] / plan.num_examples)
             for m, f in factors.layers.items()}
   return EKFAC(layers=layers, num_examples=factors.num_examples, meta=dict(factors.meta))
@@ -496,7 +537,8 @@ def fit_eigenvalues(apply_fn: Callable, params: Mapping[str, Any], arrays: Mappi
 def compute_ekfac(apply_fn: Callable, params: Mapping[str, Any], arrays: Mapping[str, Any],
                   schedule: NoiseSchedule, *, settings: EKFACSettings = EKFACSettings(),
                   mesh=None, rows: np.ndarray | None = None,
-                  progress: Callable[[scores_lib.Progress], None] | None = None) -> EKFAC:
+                  progress: Callable[[scores_lib.Progress], None] | None = None,
+                  checkpoint_path: str | None = None) -> EKFAC:
   """EK-FAC factors of the selected Dense layers over `arrays` (both passes).
 
   Args:
@@ -506,11 +548,36 @@ def compute_ekfac(apply_fn: Callable, params: Mapping[str, Any], arrays: Mapping
     arrays: `latents` [N,2,h,w,c], `text_states` [N,K,L,D], `num_captions` [N], `index` [N].
     rows: which rows to use (default all).
     progress: receives a `Progress` per 50 micro-batches and at the end of each pass.
+    checkpoint_path: a prefix for resumable state (`checkpoint_files`): each pass's partial
+      sums, and pass 1's factors once it is done, so a rerun with the same model, items and
+      settings continues where it stopped (the result equals an uninterrupted run's).
   """
-  factors = compute_covariances(apply_fn, params, arrays, schedule, settings=settings,
-                                mesh=mesh, rows=rows, progress=progress)
+  files = checkpoint_files(checkpoint_path) if checkpoint_path else {}
+  factors = None
+  if files and os.path.exists(files["covariances"]):
+    factors = load_ekfac(files["covariances"])
+    if factors.fingerprint() != expected_fingerprint(
+        params, np.asarray(arrays["index"])[rows if rows is not None else slice(None)],
+        schedule, settings):
+      raise ValueError(f"{files['covariances']} holds the covariances of other settings or "
+                       "another model; delete it or use another checkpoint path")
+  if factors is None:
+    factors = compute_covariances(apply_fn, params, arrays, schedule, settings=settings,
+                                  mesh=mesh, rows=rows, progress=progress,
+                                  checkpoint_path=files.get("covariance_pass"))
+    if files and jax.process_index() == 0:
+      save_ekfac(files["covariances"], factors)
   return fit_eigenvalues(apply_fn, params, arrays, schedule, factors, settings=settings,
-                         mesh=mesh, rows=rows, progress=progress)
+                         mesh=mesh, rows=rows, progress=progress,
+                         checkpoint_path=files.get("eigenvalue_pass"))
+
+
+def checkpoint_files(checkpoint_path: str) -> dict[str, str]:
+  """The files `compute_ekfac` keeps under a checkpoint prefix (remove them once the factors
+  are saved): pass 1's partial sums, pass 1's factors, pass 2's partial sums."""
+  return {"covariance_pass": checkpoint_path + ".covariance_pass.npz",
+          "covariances": checkpoint_path + ".covariances.npz",
+          "eigenvalue_pass": checkpoint_path + ".eigenvalue_pass.npz"}
 
 
 def expected_fingerprint(params: Mapping[str, Any], index: np.ndarray, schedule: NoiseSchedule,

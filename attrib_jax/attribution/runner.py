@@ -175,7 +175,7 @@ class AbU:
 
   @property
   def ekfac(self) -> ekfac_lib.EKFAC:
-    """AbU+'s factors (two passes over the training set; not checkpointed within a pass)."""
+    """AbU+'s factors (two passes over the training set, each checkpointed as it goes)."""
     if self._ekfac is None:
       path = os.path.join(self.cache_dir, "ekfac.npz")
       settings = self.settings.ekfac_settings()
@@ -185,10 +185,15 @@ class AbU:
         self.log(f"ekfac: reusing {path}")
       else:
         t0 = time.time()
+        # Named by the fingerprint: partial passes of other settings are never resumed as this.
+        partial = os.path.join(self.cache_dir, f"ekfac_partial_{expected}")
         self._ekfac = ekfac_lib.compute_ekfac(self.apply_fn, self.params, self.arrays,
                                               self.schedule, settings=settings, mesh=self.mesh,
-                                              progress=self._progress)
+                                              progress=self._progress, checkpoint_path=partial)
         ekfac_lib.save_ekfac(path, self._ekfac)
+        for leftover in ekfac_lib.checkpoint_files(partial).values():
+          if os.path.exists(leftover):
+            os.remove(leftover)
         self.log(f"ekfac: {self._ekfac.num_examples} examples in {time.time() - t0:.0f}s")
     return self._ekfac
 

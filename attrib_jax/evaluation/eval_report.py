@@ -128,7 +128,7 @@ class ScoreStore:
                                       "index": scores_lib.params_fingerprint({"i": self.index})})
     path = os.path.join(self.directory, method, cf.safe_name(query_name) + ".npz")
     if os.path.exists(path):
-      with np.load(path) as data:
+      with io_utils.open_npz(path) as data:
         if str(data["key"]) == key:
           self.seconds[method] = self.seconds.get(method, 0.0) + float(data["seconds"])
           return data["scores"]
