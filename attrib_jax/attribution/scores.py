@@ -95,11 +95,6 @@ class ProgressMeter:
 
 # --------------------------------------------------------------------------------- scores ---
 
-def tau(pre: np.ndarray, post: np.ndarray) -> np.ndarray:
-  """τ = post − pre per (item, flip), float64."""
-  return np.asarray(post, np.float64) - np.asarray(pre, np.float64)
-
-
 def image_scores(tau_per_flip: np.ndarray) -> np.ndarray:
   """[n, flips] -> [n]: the max over an image's flips (either view may carry the influence)."""
   tau_per_flip = np.asarray(tau_per_flip, np.float64)

@@ -108,8 +108,6 @@ class SweepSettings:
 
 
 MSCOCO = SweepSettings()
-# Custom Diffusion / AbC: 10 timesteps (stride 100), 1 caption.
-CUSTOM_DIFFUSION = SweepSettings(timesteps=tuple(range(0, 1000, 100)), num_captions=1)
 
 
 @dataclasses.dataclass

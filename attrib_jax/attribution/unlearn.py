@@ -74,8 +74,6 @@ class UnlearnSettings:
 
 
 MSCOCO = UnlearnSettings()
-# Custom Diffusion / AbC (SPEC §2): α 0.1, 100 steps of 160 draws.
-CUSTOM_DIFFUSION = UnlearnSettings(alpha=0.1, num_steps=100, num_draws=160, draws_per_batch=160)
 
 
 # ---------------------------------------------------------------------------- draws ---

@@ -6,8 +6,8 @@ D-TRAK, random scores, and the text-only caption baselines.
                     schedule=schedule, module=unet)
   scores = method.score(query, context)    # [N] float64, aligned with arrays["index"]
 
-Another method (the AbU adapter) joins with `@register` on a frozen dataclass subclassing
-`Method` with a class attribute `name`.
+Another method joins with `@register` on a frozen dataclass subclassing `Method` with a class
+attribute `name`.
 """
 from attrib_jax.baselines import caption, features, interface, pixel, random, trak
 from attrib_jax.baselines.caption import CaptionCosine, CaptionWords

@@ -15,7 +15,7 @@ method's settings, so a rerun (or a resumed evaluation) does not recompute it.
 
 Methods are frozen dataclasses whose fields are their settings. `make_method(name, **config)`
 builds one from the registry and refuses unknown names and unknown settings by name; a method
-defined elsewhere (the AbU adapter) joins the registry with the `register` decorator.
+defined elsewhere joins the registry with the `register` decorator.
 """
 from __future__ import annotations
 
