@@ -316,8 +316,7 @@ def attribute_queries(abu: AbU, query_dirs: Sequence[str],
     if region is not None:
       name = f"{name}.{region.key}"
       shown = query._replace(image=region_lib.draw_box(query.image, region))
-    done = meter(number)
-    abu.log(f"attribute: {number}/{len(query_dirs)} queries, ETA {done.eta_s:.0f}s")
+    abu.log(str(meter(number)))
     ranking, scores = result["ranking"], result["scores"]
     score_of = dict(zip(result["index"].tolist(), scores.tolist()))
     top = ranking[:top_k]
