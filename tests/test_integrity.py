@@ -314,3 +314,25 @@ def test_ekfac_factor_passes_resume_from_their_checkpoints(micro, tmp_path, monk
   with pytest.raises(ValueError, match="other settings"):
     ekfac_lib.compute_ekfac(ta.APPLY, micro["params"], micro["arrays"], ta.SCHEDULE,
                             settings=other, mesh=parallel.make_mesh(8), checkpoint_path=prefix)
+
+
+# -------------------------------------------------------------- settings validation ---
+
+@pytest.mark.parametrize("make, setting", [
+    (lambda: fisher_lib.FisherSettings(num_epochs=0), "FisherSettings.num_epochs"),
+    (lambda: fisher_lib.FisherSettings(batch_size=0), "FisherSettings.batch_size"),
+    (lambda: fisher_lib.FisherSettings(flush_every=0), "FisherSettings.flush_every"),
+    (lambda: ekfac_lib.EKFACSettings(num_epochs=0), "EKFACSettings.num_epochs"),
+    (lambda: ekfac_lib.EKFACSettings(batch_size=-1), "EKFACSettings.batch_size"),
+    (lambda: runner.EKFACBlock(num_epochs=0), "attribution.ekfac.num_epochs"),
+    (lambda: unlearn_lib.UnlearnSettings(num_draws=0, draws_per_batch=1),
+     "UnlearnSettings.num_draws"),
+    (lambda: unlearn_lib.UnlearnSettings(draws_per_batch=0), "UnlearnSettings.draws_per_batch"),
+    (lambda: sweep_lib.SweepSettings(items_per_device=0), "SweepSettings.items_per_device"),
+    (lambda: eval_report.EvalSettings(random_draws=0), "evaluation.random_draws"),
+    (lambda: eval_report.EvalSettings(ks=(5, 0)), r"evaluation.ks\[1\]"),
+    (lambda: eval_report.EvalSettings(k_fractions=(1.5,)), r"evaluation.k_fractions\[0\]"),
+])
+def test_settings_refuse_impossible_values_naming_the_setting(make, setting):
+  with pytest.raises(ValueError, match=setting):
+    make()

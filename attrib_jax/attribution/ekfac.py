@@ -93,6 +93,8 @@ class EKFACSettings:
 
   def __post_init__(self):
     loss_lib.check_min_snr_gamma(self.min_snr_gamma)
+    scores_lib.require_at_least("EKFACSettings", 1, num_epochs=self.num_epochs,
+                                batch_size=self.batch_size, flush_every=self.flush_every)
 
 
 @dataclasses.dataclass(frozen=True)

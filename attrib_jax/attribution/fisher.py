@@ -55,6 +55,8 @@ class FisherSettings:
 
   def __post_init__(self):
     loss_lib.check_min_snr_gamma(self.min_snr_gamma)
+    scores_lib.require_at_least("FisherSettings", 1, num_epochs=self.num_epochs,
+                                batch_size=self.batch_size, flush_every=self.flush_every)
 
 
 def loss_weight_digest(min_snr_gamma: float | None) -> dict:

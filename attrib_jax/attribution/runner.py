@@ -49,6 +49,11 @@ class EKFACBlock:
   damping_scale: float = 0.1    # SPEC §2: d = 0.1 · mean(Λ), per layer
   min_snr_gamma: float | None = None   # the loss the factors describe (EKFACSettings)
 
+  def __post_init__(self):
+    scores_lib.require_at_least("attribution.ekfac", 1, num_epochs=self.num_epochs,
+                                batch_size=self.batch_size)
+    scores_lib.require_at_least("attribution.ekfac", 0, damping_scale=self.damping_scale)
+
 
 @dataclasses.dataclass(frozen=True)
 class AbUSettings:
@@ -316,7 +321,8 @@ def attribute_queries(abu: AbU, query_dirs: Sequence[str],
     if region is not None:
       name = f"{name}.{region.key}"
       shown = query._replace(image=region_lib.draw_box(query.image, region))
-    abu.log(str(meter(number)))
+    done = meter(number)
+    abu.log(f"attribute: {number}/{len(query_dirs)} queries, ETA {done.eta_s:.0f}s")
     ranking, scores = result["ranking"], result["scores"]
     score_of = dict(zip(result["index"].tolist(), scores.tolist()))
     top = ranking[:top_k]

@@ -50,6 +50,14 @@ def settings_digest(obj: Any) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def require_at_least(owner: str, minimum: int | float, **values: Any) -> None:
+  """Settings validation at construction: each named value must be >= `minimum`; the error
+  names the setting (`owner.name`), so a bad config fails before any work, not mid-pass."""
+  for name, value in values.items():
+    if value is None or value < minimum:
+      raise ValueError(f"{owner}.{name} must be >= {minimum}, got {value!r}")
+
+
 def check_version(path: str, meta: Mapping[str, Any], expected: int, what: str) -> None:
   """A stored file's format version must be the one this code writes: a file of another
   version is refused with its path named, never read under the wrong layout."""

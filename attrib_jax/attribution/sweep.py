@@ -81,6 +81,9 @@ class SweepSettings:
 
   def __post_init__(self):
     loss_lib.check_min_snr_gamma(self.min_snr_gamma)
+    scores_lib.require_at_least("SweepSettings", 1, num_captions=self.num_captions,
+                                items_per_device=self.items_per_device)
+    scores_lib.require_at_least("SweepSettings", 0, items_per_forward=self.items_per_forward)
     if self.noise not in NOISE_MODES:
       raise ValueError(f"noise must be one of {NOISE_MODES}, got {self.noise!r}")
     if self.method not in METHODS:

@@ -64,6 +64,9 @@ class UnlearnSettings:
 
   def __post_init__(self):
     loss_lib.check_min_snr_gamma(self.min_snr_gamma)
+    scores_lib.require_at_least("UnlearnSettings", 1, num_steps=self.num_steps,
+                                num_draws=self.num_draws, draws_per_batch=self.draws_per_batch,
+                                micro_batch=self.micro_batch)
     if self.num_draws % self.draws_per_batch:
       raise ValueError(f"num_draws {self.num_draws} must be a multiple of draws_per_batch "
                        f"{self.draws_per_batch}")

@@ -64,6 +64,16 @@ class EvalSettings:
   # -1: one per usable core when JAX runs on the CPU, else 0; 0: in this process.
   retrain_workers: int = -1
 
+  def __post_init__(self):
+    # The random-removal floor needs draws whenever it is a method (vs_random pairs with it).
+    if cf.RANDOM in self.methods:
+      scores_lib.require_at_least("evaluation", 1, random_draws=self.random_draws)
+    scores_lib.require_at_least("evaluation", 1, **{f"ks[{i}]": k for i, k in enumerate(self.ks)})
+    scores_lib.require_at_least("evaluation", -1, retrain_workers=self.retrain_workers)
+    for i, f in enumerate(self.k_fractions):
+      if not 0 < f < 1:
+        raise ValueError(f"evaluation.k_fractions[{i}] must lie in (0, 1), got {f!r}")
+
   @classmethod
   def from_config(cls, block: Mapping[str, Any] | None) -> "EvalSettings":
     """From a config's `evaluation` block (a dict or ConfigDict; None: all defaults)."""
