@@ -132,6 +132,18 @@ def load_query(directory: str) -> Query:
   return query
 
 
+def is_generated_as(directory: str, request: dict[str, Any]) -> bool:
+  """Whether `directory` holds a complete query generated with every field of `request`
+  (prompt, seed, sampler settings). A query directory is named by its place in a plan, so a
+  rerun asking another prompt under the same name must regenerate, not keep the old image."""
+  path = os.path.join(directory, "query.json")
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    info = json.load(f)
+  return all(info.get(k) == v for k, v in json.loads(json.dumps(request)).items())
+
+
 def list_queries(root: str) -> list[str]:
   """Complete query directories under root, sorted by name."""
   if not os.path.isdir(root):

@@ -71,9 +71,13 @@ def main(argv):
   config, workdir = _CONFIG.value, _WORKDIR.value
   pipe = common.load_trained_pipeline(workdir)
   root = os.path.join(workdir, "queries")
-  plan = [q for q in query_plan(config, workdir)
-          if not os.path.exists(os.path.join(root, q[0], "query.json"))]
   g = config.generate
+  # A query is kept only if it was generated as asked now: same prompt, seed and sampler.
+  asked = lambda prompt, seed: {"prompt": prompt, "seed": int(seed), "sampler": g.sampler,
+                                "num_steps": g.num_steps, "guidance_scale": g.guidance_scale,
+                                "eta": g.eta}
+  plan = [q for q in query_plan(config, workdir)
+          if not generation.is_generated_as(os.path.join(root, q[0]), asked(q[1], q[2]))]
   if not plan and not generation.list_queries(root):
     raise ValueError("generate: no queries to make: pass --prompt=... or set "
                      "config.generate.prompts / num_caption_queries")

@@ -336,3 +336,41 @@ def test_ekfac_factor_passes_resume_from_their_checkpoints(micro, tmp_path, monk
 def test_settings_refuse_impossible_values_naming_the_setting(make, setting):
   with pytest.raises(ValueError, match=setting):
     make()
+
+
+# ------------------------------------------------------------------ query directories ---
+
+def test_a_query_generated_with_another_prompt_is_not_kept(tmp_path):
+  """launch.generate --prompt=X, then --prompt=Y: the directory prompt000 must be remade."""
+  directory = str(tmp_path / "prompt000")
+  generation.save_query(directory, make_query(1, "X"))
+  assert generation.is_generated_as(directory, {"prompt": "X", "seed": 1})
+  assert not generation.is_generated_as(directory, {"prompt": "Y", "seed": 1})
+  assert not generation.is_generated_as(directory, {"prompt": "X", "seed": 2})
+
+
+def test_a_query_directory_is_complete_or_absent(tmp_path):
+  directory = str(tmp_path / "q")
+  generation.save_query(directory, make_query(1, "A"))
+
+  broken = make_query(2, "B")._replace(image=None)   # the image write fails midway
+  with pytest.raises(Exception):
+    generation.save_query(directory, broken)
+  kept = generation.load_query(directory)             # the old query, whole
+  assert kept.info["prompt"] == "A"
+  np.testing.assert_array_equal(kept.latent, make_query(1, "A").latent)
+  assert generation.list_queries(str(tmp_path)) == [directory]   # no staging leftovers
+  # Arrays of another query beside this query.json: refused, not read as this query.
+  np.save(os.path.join(directory, "latent.npy"), make_query(3, "C").latent)
+  with pytest.raises(ValueError, match="mixes two queries"):
+    generation.load_query(directory)
+
+
+def test_atomic_writes_leave_no_temporary_files(tmp_path):
+  path = str(tmp_path / "a.json")
+  io_utils.atomic_write_json(path, {"x": 1})
+  io_utils.atomic_savez(str(tmp_path / "b.npz"), a=np.arange(3))
+  with pytest.raises(TypeError):
+    io_utils.atomic_write_json(path, {"x": 1}, default=None, nonsense=True)
+  assert sorted(os.listdir(tmp_path)) == ["a.json", "b.npz"]
+  assert json.loads(open(path).read()) == {"x": 1}
