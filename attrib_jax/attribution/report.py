@@ -4,7 +4,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
 from typing import Any, Sequence
 
 import numpy as np
@@ -138,7 +137,4 @@ def write_report(path: str, entries: Sequence[dict[str, Any]], summary: dict[str
           f"Mean time per query {summary['mean_seconds_per_query']:.1f}s. Each row: a method's "
           "most influential training items, most influential first.</p>" + LEGEND
           + "".join(rows))
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(page)
-  os.replace(tmp, path)
+  io_utils.atomic_write_text(path, page)
