@@ -1,4 +1,4 @@
-"""ScaNN at scale (issue 19, benchmark b): recall@k against exact search, per-query latency on
+"""ScaNN at scale: recall@k against exact search, per-query latency on
 ONE core, build time and memory, beside brute force in the same run.
 
 Data: n unit vectors in d dimensions with nested cluster structure, as image embeddings have:

@@ -70,7 +70,7 @@ def test_abu_plus_settings_follow_the_unlearning_block():
 
 @pytest.mark.parametrize("variant", [None, "smoke"])
 def test_tiny_eval_meets_the_evaluation_bar(variant):
-  """Issue 6's bar on configs/tiny_eval.py: every method, >= 2 K in 0.5-5 % of N, a random
+  """The counterfactual evaluation's bar on configs/tiny_eval.py: every method, >= 2 K in 0.5-5 % of N, a random
   floor of several draws, LDS, >= 10 queries (the default variant)."""
   from attrib_jax.evaluation import eval_report  # pylint: disable=g-import-not-at-top
   config = importlib.import_module("configs.tiny_eval").get_config(variant)
