@@ -18,7 +18,7 @@ setuptools.setup(
         "importlib_resources",  # imported by tensorflow-datasets, not declared by it
         "array-record",         # TFDS's array_record reader: the one format readable without TF
         "etils",                # TFDS's path type (epath), used directly by the COCO builder
-        "scann",                # FastGDA's nearest-neighbour index (planned; nothing imports it yet)
+        "scann",                # FastGDA's nearest-neighbour index (attrib_jax/distill/index.py)
         "absl-py",
         "ml-collections",
         "safetensors",
