@@ -38,7 +38,8 @@ from attrib_jax.evaluation import counterfactual as cf
 from attrib_jax.evaluation import lds as lds_lib
 from attrib_jax.generation import Query
 
-DEFAULT_METHODS = ("abu", "abu+", "pixel", "features", "trak", "d-trak", cf.RANDOM)
+DEFAULT_METHODS = ("abu", "abu+", "pixel", "features", "trak", "d-trak", "caption", "caption-words",
+                   cf.RANDOM)
 
 
 # -------------------------------------------------------------------------- settings ---
