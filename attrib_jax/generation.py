@@ -76,6 +76,16 @@ def query_from_image(pipe: pipeline_lib.Pipeline, image: np.ndarray, prompt: str
   """A query from an existing image and its prompt (the latent is a keyed VAE sample)."""
   image = np.asarray(image)
   shape = pipe.latent_shape
+  pipe.tokenizer.check_fits(prompt)
+  # Checked before encoding: another size fails inside the pixel codec or the VAE's
+  # convolutions with a message that names neither the image nor the size the model takes.
+  scale = (pipe.pixel_patch if pipe.vae is None
+           else 2 ** (len(pipe.configs["vae"]["block_out_channels"]) - 1))
+  want = (shape[0] * scale, shape[1] * scale)
+  if image.ndim != 3 or image.shape[2] != 3 or tuple(image.shape[:2]) != want:
+    raise ValueError(f"the query image is {'x'.join(map(str, image.shape))}, but the model "
+                     f"takes {want[0]}x{want[1]}x3 RGB images: resize it to {want[0]}x{want[1]} "
+                     "first")
   latent = pipeline_lib.images_to_latents(image[None], vae=pipe.vae, vae_params=pipe.vae_params,
                                           pixel_patch=pipe.pixel_patch,
                                           key=jax.random.key(seed))[0]

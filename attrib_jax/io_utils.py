@@ -18,6 +18,8 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
+import zlib
 from typing import Any, Iterator
 
 import numpy as np
@@ -125,3 +127,49 @@ def atomic_directory(path: str) -> Iterator[str]:
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
+
+
+class CorruptFileError(ValueError):
+  """A stored file that cannot be read back (truncated or damaged): names the file."""
+
+
+# What numpy raises for a damaged .npz: an empty file (EOFError), a cut one (no zip directory),
+# a flipped byte (a member's CRC), a damaged compressed member (zlib).
+_DAMAGED = (EOFError, zipfile.BadZipFile, zlib.error)
+
+
+def _damaged(path: str, error: Exception) -> CorruptFileError:
+  return CorruptFileError(
+      f"{path} cannot be read: it is truncated or damaged ({type(error).__name__}: {error}). "
+      "The project writes every file atomically, so no interrupted run leaves one like this: "
+      "it was cut or altered afterwards (a full disk, a partial copy). Delete it to compute it "
+      "again.")
+
+
+@contextlib.contextmanager
+def open_npz(path: str) -> Iterator[Any]:
+  """`np.load(path)` of an .npz for a `with` block. A truncated or damaged file raises
+  CorruptFileError naming it, also where the damage shows only when a member is read; a
+  missing file stays FileNotFoundError."""
+  try:
+    data = np.load(path)
+  except FileNotFoundError:
+    raise
+  except (*_DAMAGED, ValueError, OSError) as e:   # ValueError: bytes numpy cannot place at all
+    raise _damaged(path, e) from e
+  with data:
+    try:
+      yield data
+    except _DAMAGED as e:
+      raise _damaged(path, e) from e
+
+
+def load_npy(path: str, mmap_mode: str | None = None) -> np.ndarray:
+  """`np.load(path, mmap_mode)` of an .npy; a truncated or damaged file raises CorruptFileError
+  naming it (numpy's own message names neither the file nor what to do)."""
+  try:
+    return np.load(path, mmap_mode=mmap_mode)
+  except FileNotFoundError:
+    raise
+  except (EOFError, ValueError, OSError) as e:
+    raise _damaged(path, e) from e

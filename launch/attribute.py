@@ -65,7 +65,7 @@ def main(argv):
   common.start()
   config, workdir = _CONFIG.value, _WORKDIR.value
   parse_region(_REGION.value, [])   # a malformed box fails before the model loads
-  pipe = common.load_trained_pipeline(workdir)
+  pipe = common.load_trained_pipeline(workdir, config)
   arrays = precompute.load(os.path.join(workdir, "precomputed"))
   source = recipe.open_dataset(config, os.path.join(workdir, "tfds"))
   settings = runner.AbUSettings.from_config(config.attribution)

@@ -42,7 +42,7 @@ def main(argv):
   real = prompt_following.validate_detector(world.images, world.attributes)
   common.log(f"detector on {len(world.images)} real images: colour+shape {real['joint']:.3f}")
 
-  pipe = common.load_trained_pipeline(workdir)
+  pipe = common.load_trained_pipeline(workdir, config)
   scenes = prompt_following.fresh_scenes(config.generate.seed, _NUM.value,
                                          tuple(w.patterns) if "patterns" in w else None)
   g = config.generate

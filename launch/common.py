@@ -1,4 +1,5 @@
 """What every launcher does first: multi-host start-up and quiet library logs."""
+import json
 import os
 
 from absl import flags
@@ -26,9 +27,23 @@ def log(message: str) -> None:
   print(message, flush=True)
 
 
-def load_trained_pipeline(workdir: str):
-  """The model `launch.train` finished in workdir (a clear error if it has not)."""
+def load_trained_pipeline(workdir: str, config=None):
+  """The model `launch.train` finished in workdir (a clear error if it has not). With `config`,
+  a model trained with another recipe is an error naming the settings that differ: the
+  launchers read the workdir's dataset and arrays through the config, and would otherwise
+  build another dataset beside them and pair one world's pictures with another's scores."""
   model_dir = os.path.join(workdir, "model")
-  if not os.path.exists(os.path.join(model_dir, "DONE.json")):
+  done_path = os.path.join(model_dir, "DONE.json")
+  if not os.path.exists(done_path):
     raise FileNotFoundError(f"No trained model in {model_dir}: run launch.train first")
+  if config is not None:
+    from attrib_jax.training import recipe  # pylint: disable=g-import-not-at-top
+    with open(done_path) as f:
+      differ = recipe.trained_with_differences(config, json.load(f))
+    if differ:
+      shown = ", ".join(differ[:8]) + (f", ... ({len(differ) - 8} more)" if len(differ) > 8
+                                       else "")
+      raise ValueError(f"{workdir} holds a model trained with another config ({shown} "
+                       f"differ; see {done_path}): pass the config it was trained with, or "
+                       "another --workdir")
   return pipeline.load_pipeline(model_dir)

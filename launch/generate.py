@@ -69,7 +69,9 @@ def main(argv):
   del argv
   common.start()
   config, workdir = _CONFIG.value, _WORKDIR.value
-  pipe = common.load_trained_pipeline(workdir)
+  pipe = common.load_trained_pipeline(workdir, config)
+  for prompt in list(_PROMPTS.value) + list(config.generate.get("prompts", ())):
+    pipe.tokenizer.check_fits(prompt)   # the user's own prompts are never cut (captions are)
   root = os.path.join(workdir, "queries")
   g = config.generate
   # A query is kept only if it was generated as asked now: same prompt, seed and sampler.

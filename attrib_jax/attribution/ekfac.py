@@ -60,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from attrib_jax import io_utils
 from attrib_jax import parallel
 from attrib_jax.attribution import fisher as fisher_lib
 from attrib_jax.attribution import scores as scores_lib
@@ -611,7 +612,7 @@ def load_ekfac(path: str, fingerprint: str | None = None) -> EKFAC:
   """Reads `save_ekfac`'s file; a fingerprint other than `fingerprint` (if given) is an
   error (see `expected_fingerprint`)."""
   grouped: dict[Path, dict] = {}
-  with np.load(path) as data:
+  with io_utils.open_npz(path) as data:
     meta = json.loads(str(data["__meta__"]))
     scores_lib.check_version(path, meta, EKFAC_VERSION, "EK-FAC factor file")
     for key in data.files:

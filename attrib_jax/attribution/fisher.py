@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from attrib_jax import io_utils
 from attrib_jax import parallel
 from attrib_jax.attribution import scores as scores_lib
 from attrib_jax.attribution import selection
@@ -237,7 +238,7 @@ def compute_fisher(apply_fn: Callable, params: Mapping[str, Any], arrays: Mappin
   host = {p: np.zeros(v.shape, np.float64) for p, v in selected.items()}
   start = 0
   if checkpoint_path and os.path.exists(checkpoint_path):
-    with np.load(checkpoint_path) as ckpt:
+    with io_utils.open_npz(checkpoint_path) as ckpt:
       if str(ckpt["fingerprint"]) != fingerprint:
         raise ValueError(f"{checkpoint_path} is a Fisher checkpoint of other settings or model;"
                          " delete it or use another path")
@@ -310,7 +311,7 @@ def save_fisher(path: str, fisher: Fisher) -> None:
 
 def load_fisher(path: str, expected_fingerprint: str | None = None) -> Fisher:
   """Reads `save_fisher`'s file; a different fingerprint than expected is an error."""
-  with np.load(path) as data:
+  with io_utils.open_npz(path) as data:
     meta = json.loads(str(data["__meta__"]))
     scores_lib.check_version(path, meta, FISHER_VERSION, "Fisher")
     values = {tuple(k.split("/")): data[k] for k in data.files if k != "__meta__"}

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from attrib_jax import generation
+from attrib_jax import io_utils
 from attrib_jax.attribution import ekfac as ekfac_lib
 from attrib_jax.attribution import fisher as fisher_lib
 from attrib_jax.attribution import region as region_lib
@@ -143,7 +144,7 @@ class AbU:
     lost (a Fisher can take hours), and one set aside earlier for `expected` comes back."""
     path = os.path.join(self.cache_dir, f"{name}.npz")
     if os.path.exists(path):
-      with np.load(path) as data:
+      with io_utils.open_npz(path) as data:
         held = json.loads(str(data["__meta__"]))["fingerprint"]
       if held == expected:
         return path
@@ -248,6 +249,14 @@ class AbU:
     """Scores every training item for one query (for `region`: the query's loss over that
     region only); returns the loaded result. A region's result is kept apart from the whole
     query's, in <name>.region-x0-y0-x1-y1/."""
+    want = (tuple(np.shape(self.arrays["latents"])[2:]),
+            tuple(np.shape(self.arrays["text_states"])[2:]))
+    got = (tuple(np.shape(query.latent)), tuple(np.shape(query.text_states)))
+    if got != want:
+      # A query of another model (or resolution): it would fail deep in a jitted step.
+      raise ValueError(f"query {name}: latent {got[0]} and text states {got[1]}, but this "
+                       f"model's training items have {want[0]} and {want[1]}: the query was "
+                       "made for another model; generate it again with this workdir's model")
     if region is not None:
       region.check(query.image.shape[:2])
       name = f"{name}.{region.key}"

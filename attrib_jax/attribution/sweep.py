@@ -45,6 +45,7 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
+from attrib_jax import io_utils
 from attrib_jax import parallel
 from attrib_jax.attribution import scores as scores_lib
 from attrib_jax.attribution import selection
@@ -186,7 +187,7 @@ def save_pre_cache(path: str, key: str, result: SweepResult) -> None:
 
 def cached_key(path: str) -> str:
   """The key a pre-loss cache was stored under."""
-  with np.load(path) as data:
+  with io_utils.open_npz(path) as data:
     return str(data["key"])
 
 
@@ -464,7 +465,7 @@ def sweep(apply_fn: Callable, params_before: Mapping[str, Any],
   slot_pre = np.zeros((n, num_f, num_k, num_t), np.float32) if keep_slot_losses else None
   done = 0
   if checkpoint_path and os.path.exists(checkpoint_path):
-    with np.load(checkpoint_path) as ckpt:
+    with io_utils.open_npz(checkpoint_path) as ckpt:
       if str(ckpt["fingerprint"]) != fingerprint:
         raise ValueError(f"{checkpoint_path} is a checkpoint of another sweep (other model, "
                          "items or settings); delete it or use another path")

@@ -26,6 +26,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 
+from attrib_jax import io_utils
 from attrib_jax.attribution import scores as scores_lib
 
 # images getter: rows (positions in `arrays`) -> uint8 [n, H, W, 3]
@@ -143,7 +144,7 @@ class Context:
       digest = scores_lib.settings_digest(disk_key)
       path = os.path.join(self.cache_dir, f"{disk_name}-{digest}.npz")
       if os.path.exists(path):
-        with np.load(path) as data:
+        with io_utils.open_npz(path) as data:
           self.cache[key] = {k: data[k] for k in data.files}
         return self.cache[key]
     value = compute()

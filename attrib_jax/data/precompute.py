@@ -52,7 +52,7 @@ def precompute(out_dir: str, *, num_items: int, get_items: Callable[[np.ndarray]
       with another fingerprint is an error rather than silently mixed.
   """
   if num_items <= 0:
-    raise ValueError("Cannot precompute an empty dataset")
+    raise ValueError(f"Cannot precompute an empty dataset (num_items={num_items}) into {out_dir}")
   if dtype not in DTYPES:
     raise ValueError(f"precompute dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
   os.makedirs(out_dir, exist_ok=True)
@@ -82,7 +82,8 @@ def precompute(out_dir: str, *, num_items: int, get_items: Callable[[np.ndarray]
                        f"({manifest.get('fingerprint')} vs {fingerprint}); use another "
                        "directory or delete it")
     done = manifest["rows_done"]
-    arrays = {k: np.load(os.path.join(out_dir, k + ".npy"), mmap_mode="r+") for k in ARRAYS}
+    arrays = {k: io_utils.load_npy(os.path.join(out_dir, k + ".npy"), mmap_mode="r+")
+              for k in ARRAYS}
   else:
     arrays = {k: np.lib.format.open_memmap(os.path.join(out_dir, k + ".npy"), mode="w+",
                                            dtype=dtypes[k], shape=shapes[k]) for k in ARRAYS}
@@ -135,7 +136,14 @@ def load(out_dir: str, mmap: bool = True) -> dict[str, np.ndarray]:
     raise ValueError(f"{out_dir} is incomplete ({manifest['rows_done']}/{n} rows): rerun the "
                      "precompute step to finish it")
   mode = "r" if mmap else None
-  out = {k: np.load(os.path.join(out_dir, k + ".npy"), mmap_mode=mode) for k in ARRAYS}
-  out["null_text_states"] = np.load(os.path.join(out_dir, "null_text_states.npy"))
+  out = {k: io_utils.load_npy(os.path.join(out_dir, k + ".npy"), mmap_mode=mode) for k in ARRAYS}
+  out["null_text_states"] = io_utils.load_npy(os.path.join(out_dir, "null_text_states.npy"))
+  # An array of another run copied in (or rewritten) would otherwise surface as a shape error
+  # deep inside a jitted step, naming no file.
+  for k, shape in manifest.get("shapes", {}).items():
+    if tuple(out[k].shape) != tuple(shape):
+      raise ValueError(f"{os.path.join(out_dir, k + '.npy')} has shape {tuple(out[k].shape)}, "
+                       f"but {manifest_path} records {tuple(shape)}: the arrays are not one "
+                       "precompute's; delete the directory and rerun launch.train")
   out["manifest"] = manifest
   return out

@@ -198,6 +198,17 @@ class CLIPTokenizer:
           ids.extend(self._bpe(word))
     return ids
 
+  def check_fits(self, text: str, max_length: int | None = None) -> None:
+    """Raises ValueError naming `text` if it would be truncated. Training captions are cut as
+    in every diffusion recipe; a user's prompt is not, or its query would be attributed with
+    the text states of a shorter prompt than the one it records."""
+    max_length = self.model_max_length if max_length is None else max_length
+    length = len(self.tokenize(text)) + 2
+    if length > max_length:
+      raise ValueError(f"the prompt {text!r} is {length} tokens long (with bos and eos), but "
+                       f"the tokenizer takes at most {max_length} (its model_max_length): "
+                       "shorten the prompt")
+
   def encode(self, text: str, max_length: int | None = None, truncation: bool = True) -> list[int]:
     """bos + ids + eos, truncated (keeping bos and eos) to `max_length` if `truncation`."""
     ids = self.tokenize(text)

@@ -29,6 +29,33 @@ def _checkpoint_manager(directory: str, keep: int) -> ocp.CheckpointManager:
                                options=ocp.CheckpointManagerOptions(max_to_keep=keep))
 
 
+class CheckpointError(ValueError):
+  """A training checkpoint that cannot be restored: names its folder."""
+
+
+def _restore(manager: ocp.CheckpointManager, abstract: Any) -> trainer.TrainState:
+  """The latest checkpoint, or a CheckpointError naming it and what to do.
+
+  Orbax commits a checkpoint by renaming its folder, so a killed save leaves no half-written
+  step behind; a step that fails to read was damaged afterwards (a truncated copy, a full disk)
+  or was written by another model or optimizer. Orbax then raises whatever its storage layer hit
+  (a JSON, tensorstore or tree-structure error, naming neither the step nor the folder).
+  Nothing is deleted here: the user decides whether to fall back to an earlier step.
+  """
+  step = manager.latest_step()
+  try:
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  except Exception as e:  # pylint: disable=broad-except
+    folder = os.path.join(str(manager.directory), str(step))
+    earlier = [s for s in manager.all_steps() if s != step]
+    fallback = (f"delete {folder} to resume from step {max(earlier)}" if earlier else
+                f"delete {manager.directory} to train from the start")
+    raise CheckpointError(
+        f"cannot restore the training checkpoint {folder} (step {step}): it is damaged or "
+        f"truncated, or holds another model's or optimizer's state ({type(e).__name__}: "
+        f"{str(e)[:300]}); {fallback}") from e
+
+
 def train(*, arrays: dict, apply_fn: Callable, init_params: Any, schedule: Any,
           workdir: str, num_steps: int, batch_size: int, learning_rate: float,
           warmup_steps: int = 0, lr_schedule: str = "constant", weight_decay: float = 0.0,
@@ -78,8 +105,7 @@ def train(*, arrays: dict, apply_fn: Callable, init_params: Any, schedule: Any,
   manager = _checkpoint_manager(os.path.join(workdir, "checkpoints"), keep_checkpoints)
   if manager.latest_step() is not None:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    state = manager.restore(manager.latest_step(),
-                            args=ocp.args.StandardRestore(abstract))
+    state = _restore(manager, abstract)
     log(f"train: resumed from step {int(state.step)} in {workdir}")
   state = parallel.replicate(state, mesh)
   null_states = parallel.replicate(np.asarray(arrays["null_text_states"]), mesh)
