@@ -199,42 +199,51 @@ def compare(reference: dict[str, str], got: dict[str, str]) -> str:
 # ------------------------------------------------------------------------------- main ---
 
 def prepare(out: str, env: dict, cache: str, timeout: float,
-            wanted: set[str]) -> tuple[list[Launcher], dict]:
+            wanted: set[str]) -> tuple[list[Launcher], dict, dict, dict]:
   """The reference runs. Returns the launchers (each with its base workdir) and per launcher
-  its reference outputs."""
+  its reference outputs, wall seconds and whether it compiled programs the XLA cache lacked (a
+  cache kept from an earlier run, --compilation_cache outside OUT, spares those compiles)."""
+  cached = lambda: len(os.listdir(cache)) if cache and os.path.isdir(cache) else -1
+  compiled = {}
   def step(module, config, workdir, *args):
     launcher = Launcher(module, config, tuple(args), "")
     name = f"{os.path.basename(workdir)}-{module}"
+    before = cached()
     seconds = _run(_command(launcher, workdir, cache), env,
                    os.path.join(out, f"{name}.log"), timeout)
-    print(f"reference: {name} {seconds:.1f}s", flush=True)
+    compiled[name] = before < 0 or cached() > before
+    print(f"reference: {name} {seconds:.1f}s"
+          f"{' (compiled programs the cache lacked)' if compiled[name] else ''}", flush=True)
+    return seconds
 
   def snapshot(workdir, name):
     base = os.path.join(out, "base", name)
     shutil.copytree(workdir, base, symlinks=True)
     return base
 
-  launchers, refs = [], {}
+  launchers, refs, seconds = [], {}, {}
   if wanted & {"train", "attribute"}:
     ref = os.path.join(out, "ref")
     empty = os.path.join(out, "base", "empty")
     os.makedirs(empty)
     launchers.append(Launcher("train", TINY, (), empty))
-    step("train", TINY, ref)
+    seconds["train"] = step("train", TINY, ref)
     refs["train"] = train_outputs(ref)
     if "attribute" in wanted:
       step("generate", TINY, ref)
       launchers.append(Launcher("attribute", TINY, (), snapshot(ref, "trained")))
-      step("attribute", TINY, ref)
+      seconds["attribute"] = step("attribute", TINY, ref)
       refs["attribute"] = attribute_outputs(ref)
   if "evaluate" in wanted:
     ref_eval = os.path.join(out, "ref_eval")
     step("train", TINY_EVAL, ref_eval)
     step("generate", TINY_EVAL, ref_eval)
     launchers.append(Launcher("evaluate", TINY_EVAL, EVAL_ARGS, snapshot(ref_eval, "eval")))
-    step("evaluate", TINY_EVAL, ref_eval, *EVAL_ARGS)
+    seconds["evaluate"] = step("evaluate", TINY_EVAL, ref_eval, *EVAL_ARGS)
     refs["evaluate"] = evaluate_outputs(ref_eval)
-  return [l for l in launchers if l.name in wanted], refs
+  compiled = {k: compiled.get(name, True) for k, name in (
+      ("train", "ref-train"), ("attribute", "ref-attribute"), ("evaluate", "ref_eval-evaluate"))}
+  return [l for l in launchers if l.name in wanted], refs, seconds, compiled
 
 
 def main():
@@ -250,6 +259,8 @@ def main():
   args = parser.parse_args()
 
   out = os.path.abspath(args.out)
+  if args.compilation_cache and os.path.abspath(args.compilation_cache).startswith(out + os.sep):
+    parser.error("--compilation_cache inside --out would be emptied with it")
   shutil.rmtree(out, ignore_errors=True)
   os.makedirs(out)
   cache = (os.path.join(out, "xla_cache") if args.compilation_cache is None
@@ -261,23 +272,25 @@ def main():
     parser.error(f"--launchers: unknown {sorted(unknown)} (known: {sorted(OUTPUTS)})")
   rng = random.Random(args.seed)
   t_start = time.time()
-  launchers, refs = prepare(out, env, cache, args.timeout, wanted)
+  launchers, refs, ref_seconds, compiled = prepare(out, env, cache, args.timeout, wanted)
 
   rows = []
   for launcher in launchers:
-    reference = refs[launcher.name]
-    # A second uninterrupted run, from the same starting workdir with the XLA cache now warm:
-    # its results must equal the reference's too (else a kill trial could not tell a resume
-    # bug from a nondeterministic run), and its wall time is the span the kills are drawn in.
-    workdir = os.path.join(out, "trials", f"{launcher.name}-repeat")
-    shutil.copytree(launcher.base, workdir, symlinks=True)
-    seconds = _run(_command(launcher, workdir, cache), env, workdir + ".log", args.timeout)
-    outcome = compare(reference, OUTPUTS[launcher.name](workdir))
-    rows.append((launcher.name, "repeat", float("nan"), seconds, outcome + " [no kill]"))
-    print(f"{launcher.name} repeat, not killed: {seconds:.1f}s: {outcome}", flush=True)
-    shutil.rmtree(workdir, ignore_errors=True)
+    reference, seconds = refs[launcher.name], ref_seconds[launcher.name]
+    if compiled[launcher.name]:
+      # A second uninterrupted run, from the same starting workdir with the XLA cache now
+      # warm: its results must equal the reference's too (else a kill trial could not tell a
+      # resume bug from a nondeterministic run), and its wall time, without the compiles of the
+      # cold reference, is the span the kills are drawn in.
+      workdir = os.path.join(out, "trials", f"{launcher.name}-repeat")
+      shutil.copytree(launcher.base, workdir, symlinks=True)
+      seconds = _run(_command(launcher, workdir, cache), env, workdir + ".log", args.timeout)
+      outcome = compare(reference, OUTPUTS[launcher.name](workdir))
+      rows.append((launcher.name, "repeat", float("nan"), seconds, outcome + " [no kill]"))
+      print(f"{launcher.name} repeat, not killed: {seconds:.1f}s: {outcome}", flush=True)
+      shutil.rmtree(workdir, ignore_errors=True)
     for trial in range(args.trials):
-      # Stratified: trial i kills in the i-th of `trials` equal slices of the repeat run.
+      # Stratified: trial i kills in the i-th of `trials` equal slices of a warm run.
       after = seconds * (trial + rng.random()) / args.trials
       workdir = os.path.join(out, "trials", f"{launcher.name}-{trial}")
       shutil.copytree(launcher.base, workdir, symlinks=True)
