@@ -143,3 +143,59 @@ def test_regression_student_and_settings_errors(tmp_path):
     student_lib.train(settings, data, items[:, :4])
   with pytest.raises(FileNotFoundError, match="train stage"):
     student_lib.load(str(tmp_path / "none.npz"))
+
+
+# ------------------------------------------------------------------ launch.distill smoke ---
+
+def _launch(module, workdir, *extra):
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS="")
+  out = subprocess.run([sys.executable, "-m", module, "--config=configs/distill_tiny.py:smoke",
+                        f"--workdir={workdir}", *extra], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  return out.stdout
+
+
+@pytest.fixture(scope="module")
+def smoke_workdir(tmp_path_factory):
+  """The smoke world trained and its test queries generated, once for this module."""
+  workdir = str(tmp_path_factory.mktemp("distill") / "run")
+  _launch("launch.train", workdir)
+  _launch("launch.generate", workdir)
+  return workdir
+
+
+def test_launch_distill_smoke(smoke_workdir):
+  import json
+  import os
+  workdir = smoke_workdir
+  log = _launch("launch.distill", workdir)
+  out = os.path.join(workdir, "distill")
+  for stage in ("queries: 6/6", "teacher: 6/6", "test: ", "student: epoch 2/2", "index: scann",
+                "eval: "):
+    assert stage in log, (stage, log[-3000:])
+  assert "ETA" in log
+  teacher = np.load(os.path.join(out, "teacher", "train_00000.npz"))
+  assert teacher["ranked_rows"].shape == (16,) and np.all(np.diff(teacher["tau"]) <= 0)
+  # Training prompts never repeat a test query's.
+  test_prompts = {json.load(open(os.path.join(workdir, "queries", q, "query.json")))["prompt"]
+                  for q in os.listdir(os.path.join(workdir, "queries")) if q != "overview.png"}
+  train_prompts = {json.load(open(os.path.join(out, "train_queries", q, "query.json")))["prompt"]
+                   for q in os.listdir(os.path.join(out, "train_queries"))}
+  assert len(train_prompts) == 6 and not train_prompts & test_prompts
+  result = json.load(open(os.path.join(out, "eval.json")))
+  assert result["L"] == [1, 1, 2] and set(result["map"]) >= {
+      "student", "student_regression", "features (untuned input)", "caption", "caption-words"}
+  index = index_lib.load_index(os.path.join(out, "index"))
+  embeddings = np.load(os.path.join(out, "embeddings.npy"))
+  assert index.size == 64 and index.dim == 16
+  found, _ = index.search(embeddings[:3], 5)
+  assert found.shape == (3, 5)
+  # A rerun keeps every stage: nothing is generated, scored or trained again.
+  log = _launch("launch.distill", workdir)
+  assert "queries: 6 of 6 training queries kept, 0 to generate" in log, log[-2000:]
+  assert "reusing" in log and "student: epoch" not in log and "unlearn" not in log, log[-3000:]

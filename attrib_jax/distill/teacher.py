@@ -1,0 +1,124 @@
+"""Teacher data and input features for FastGDA (SPEC §5.1-5.2).
+
+Teacher: AbU / AbU+ (`attribution.runner.AbU`) unlearns the query once, then the loss sweep
+scores only the query's C candidate rows (`sweep(rows=...)`). The sweep keys each slot's noise
+by the item's dataset index, so an item's pre loss does not depend on which subset it is
+scored in: with `sweep.method="cached"` the runner's one pre-loss cache (every training item,
+computed once per model) is sliced per subset, never recomputed; with "jvp" (the tiny
+default) the primal forward runs inside the jvp and there is no separate pre pass at all.
+
+Features (the student's input): an image feature ⊕ a text feature, each L2-normalised so that
+neither half outweighs the other by its scale. In the tiny world no DINO / CLIP towers exist,
+so the image feature is the trained UNet's own bottleneck (`baselines.features.unet_features`:
+`mid_block`, flattened, at t = 100, empty prompt) read from the model's input space (the
+precomputed latents for training items, a query's latent for a query) and the text feature is
+the frozen text tower's hidden states averaged over tokens (and, for an item, over its real
+captions).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import numpy as np
+
+from attrib_jax import generation
+from attrib_jax import io_utils
+from attrib_jax.attribution import scores as scores_lib
+from attrib_jax.attribution import sweep as sweep_lib
+from attrib_jax.baselines import features as features_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSettings:
+  layer: str = "mid_block"
+  timestep: int = 100
+  pool: str = "flatten"
+
+
+class Featurizer:
+  """Image ⊕ text features of training rows and of queries, for one trained model."""
+
+  def __init__(self, pipe: Any, arrays: Any, settings: FeatureSettings = FeatureSettings()):
+    self.arrays = arrays
+    self._image = features_lib.unet_features(
+        pipe.unet, pipe.unet_params, pipe.schedule, np.asarray(arrays["null_text_states"]),
+        layer=settings.layer, timestep=settings.timestep, pool=settings.pool,
+        to_input=lambda x: np.asarray(x, np.float32))   # inputs are already the model's
+
+  def image(self, model_inputs: np.ndarray) -> np.ndarray:
+    return features_lib.normalize_rows(self._image(model_inputs))
+
+  @staticmethod
+  def text(states: np.ndarray, num_captions: np.ndarray | None = None) -> np.ndarray:
+    """[n, L, D] (a prompt each) or [n, K, L, D] with `num_captions` -> unit [n, D]."""
+    states = np.asarray(states, np.float64)
+    if states.ndim == 3:
+      return features_lib.normalize_rows(states.mean(axis=1))
+    token_mean = states.mean(axis=2)                                  # [n, K, D]
+    mask = np.arange(states.shape[1])[None] < np.asarray(num_captions)[:, None]
+    pooled = (token_mean * mask[..., None]).sum(1) / np.maximum(mask.sum(1), 1)[:, None]
+    return features_lib.normalize_rows(pooled)
+
+  def items(self, chunk: int = 256, log: Callable[[str], None] | None = None) -> np.ndarray:
+    """[N, d] features of every training row (unflipped view and its real captions)."""
+    n = len(self.arrays["index"])
+    out = []
+    for start in range(0, n, chunk):
+      rows = slice(start, min(start + chunk, n))
+      image = self.image(np.asarray(self.arrays["latents"][rows, 0]))
+      text = self.text(self.arrays["text_states"][rows], self.arrays["num_captions"][rows])
+      out.append(np.concatenate([image, text], axis=1))
+      if log:
+        log(f"features: {min(start + chunk, n)}/{n} items")
+    return np.concatenate(out).astype(np.float32)
+
+  def queries(self, queries: list[generation.Query]) -> np.ndarray:
+    if not queries:
+      return np.zeros((0, 0), np.float32)
+    image = self.image(np.stack([q.latent for q in queries]))
+    text = self.text(np.stack([q.text_states for q in queries]))
+    return np.concatenate([image, text], axis=1).astype(np.float32)
+
+
+def candidate_rows(query_feature: np.ndarray, item_features: np.ndarray, count: int,
+                   image_dim: int) -> np.ndarray:
+  """The `count` rows nearest the query by its image feature (the paper's DINO neighbours),
+  ascending by row so the sweep reads them in storage order."""
+  if not 1 <= count <= item_features.shape[0]:
+    raise ValueError(f"distill.num_candidates = {count} must lie in [1, "
+                     f"{item_features.shape[0]}] (the training set's size)")
+  sims = item_features[:, :image_dim] @ query_feature[:image_dim]
+  return np.sort(np.argsort(-sims, kind="stable")[:count])
+
+
+def score_candidates(abu: Any, query: generation.Query, rows: np.ndarray, path: str,
+                     log: Callable[[str], None] = print) -> dict:
+  """AbU over the candidate `rows` only; writes `path` (npz: rows ranked most influential first,
+  their τ, the model fingerprint) atomically and returns it. An existing file is reused."""
+  if os.path.exists(path):
+    with np.load(path) as done:
+      if (str(done["model"]) == abu.model_fingerprint
+          and np.array_equal(np.sort(done["ranked_rows"]), rows)):
+        return {k: done[k] for k in done.files}
+    log(f"teacher: {path} is of another model or candidate set; recomputing")
+  params_after = abu.unlearn(query)
+  pre = abu.pre_slot_losses           # None unless sweep.method == "cached"
+  result = sweep_lib.sweep(
+      abu.apply_fn, abu.params, params_after, abu.arrays, abu.schedule,
+      settings=abu.settings.sweep, mesh=abu.mesh, rows=rows,
+      pre_slot_losses=None if pre is None else pre[rows],
+      checkpoint_path=path + ".sweep_partial.npz")
+  tau = scores_lib.image_scores(result.delta)
+  order = np.lexsort((rows, -tau))      # τ descending, ties by row
+  out = {"ranked_rows": rows[order].astype(np.int64), "tau": tau[order],
+         "model": np.asarray(abu.model_fingerprint)}
+  io_utils.atomic_savez(path, **out)
+  if os.path.exists(path + ".sweep_partial.npz"):
+    os.remove(path + ".sweep_partial.npz")
+  return out
+
+
+def index_to_row(arrays: Any) -> dict[int, int]:
+  return {int(i): r for r, i in enumerate(np.asarray(arrays["index"]))}
