@@ -4,27 +4,29 @@ training items that show that object above those that show the other?
 Queries are real two-object scenes of the tiny world (`tiny_world.sample_scene(two_objects=
 True)`, rendered and captioned by the world itself, never seen in training), made into queries
 by the pixel codec (`generation.query_from_image`). Objects A and B of a scene differ in colour
-and in shape. Each scene is attributed three times by the config's method (AbU+ on the tiny
-default): region A (A's bounding box), region B, and the whole image. For a region, the score
+and in shape. Each scene is attributed by the config's method (AbU+ on the tiny default) for
+region A (A's bounding box) and region B (and the whole image with --whole). For a region, the score
 is the AUC of the items showing its own object against the items showing the other one
 (P(τ of a random own item > τ of a random other item); 0.5 is chance, 1 a perfect split): an
 item shows an object when one of its objects has the object's colour and shape ("colour and
 shape" columns) or its colour ("colour" columns; a weaker, larger set). The whole image's AUC
-is of A's items over B's, for reference. The region effect, AUC(region A) + AUC(region B) - 1,
+(--whole) is of A's items over B's, for reference. The region effect, AUC(region A) + AUC(region B) - 1,
 is how far the region moves the ranking towards its own object: AUC(A over B) under region A
 minus the same under region B; 0 when the region does not matter (whatever the text does).
+"A−B contrast" is a diagnostic, not a method (it uses both regions): the AUC of A's items
+over B's by the difference of the two regions' z-scored τ, which cancels what the rankings
+share (the prompt's words) and keeps what the region adds.
 Beside each: the same AUC for pixel-space nearest neighbours inside the region (negative
 squared distance of the query's crop to each item's same crop), a baseline that sees only
 pixels.
 
   .venv/bin/python -m benchmarks.local_attribution --config=configs/tiny.py:demo \
-      --workdir=/work/scratch/demo1 --out=/work/scratch/local_attr --num_scenes=12
+      --workdir=/work/scratch/demo1 --out=/work/scratch/local_attr --num_scenes=10
 
 Reuses the workdir's preconditioner cache (workdir/attribution/, as launch.attribute); results
 per scene and region go to --out (rerunning reuses them). Prints a markdown table and writes it
 with the numbers to --out/local_attribution.md|json.
 """
-import json
 import os
 import time
 
@@ -167,6 +169,10 @@ def main(argv):
       # How far the region moves the ranking towards its own object: AUC(A over B) under
       # region A minus the same under region B (0 when the region does not matter).
       row[f"effect_{kind}"] = row[f"auc_A_{kind}"] + row[f"auc_B_{kind}"] - 1
+      # Diagnostic, not a method (it needs both regions): the z-scored difference τ_A − τ_B
+      # removes what the two rankings share (the prompt), leaving what the region adds.
+      z = lambda v: (v - v.mean()) / v.std()
+      row[f"contrast_{kind}"] = auc(z(tau["A"]) - z(tau["B"]), own_a, own_b)
       row[f"auc_whole_{kind}"] = (auc(tau["whole"], own_a, own_b) if _WHOLE.value
                                   else float("nan"))
       for k, r in boxes.items():
@@ -183,13 +189,16 @@ def main(argv):
            f"items; AUC of items showing the region's object over items showing the other; "
            "0.5 = chance)", "",
            "| scene | object A | object B | items A / B | region A | region B | whole (A over B) "
-           "| region effect | region A, colour | region B, colour | pixel NN A / B |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| region effect | A−B contrast | region A, colour | region B, colour "
+           "| pixel NN A / B |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  whole = lambda v: "–" if np.isnan(v) else f"{v:.2f}"   # not run without --whole
   for r in rows:
     n = r["n_colour+shape"]
     lines.append(f"| {r['scene']} | {r['A']} | {r['B']} | {n[0]} / {n[1]} "
                  f"| {r['auc_A_colour+shape']:.2f} | {r['auc_B_colour+shape']:.2f} "
-                 f"| {r['auc_whole_colour+shape']:.2f} | {r['effect_colour+shape']:+.2f} "
+                 f"| {whole(r['auc_whole_colour+shape'])} | {r['effect_colour+shape']:+.2f} "
+                 f"| {r['contrast_colour+shape']:.2f} "
                  f"| {r['auc_A_colour']:.2f} "
                  f"| {r['auc_B_colour']:.2f} | {r['pixel_auc_A_colour+shape']:.2f} / "
                  f"{r['pixel_auc_B_colour+shape']:.2f} |")
@@ -200,8 +209,9 @@ def main(argv):
     return f"{v.mean():.2f} ± {v.std(ddof=1) / np.sqrt(v.size):.2f}"
   both = sum(r["auc_A_colour+shape"] > 0.5 and r["auc_B_colour+shape"] > 0.5 for r in rows)
   lines += [f"| **mean ± s.e.** | | | | {mean_se('auc_A_colour+shape')} "
-            f"| {mean_se('auc_B_colour+shape')} | {mean_se('auc_whole_colour+shape')} "
-            f"| {mean_se('effect_colour+shape')} "
+            f"| {mean_se('auc_B_colour+shape')} "
+            f"| {mean_se('auc_whole_colour+shape') if _WHOLE.value else '–'} "
+            f"| {mean_se('effect_colour+shape')} | {mean_se('contrast_colour+shape')} "
             f"| {mean_se('auc_A_colour')} | {mean_se('auc_B_colour')} "
             f"| {mean_se(('pixel_auc_A_colour+shape', 'pixel_auc_B_colour+shape'))} |", "",
             f"Scenes where both regions rank their own object's items first (AUC > 0.5 for A "
