@@ -11,6 +11,7 @@ Needs launch.distill's student and index in workdir/distill. API:
   GET  /thumb/<row>.png            a training image;  GET /query_image/<name>.png  a query's
   GET  /                           the page: upload an image and type its prompt, or pick a
                                    generated query; shows the top-k with scores and captions
+                                   (/?query=<name>&k=<k> attributes that query on load)
 Errors come back as JSON {"error": message} with status 400 (bad request) or 404 (unknown).
 """
 from __future__ import annotations
@@ -80,7 +81,11 @@ async function init() {
     const qs = await call('/api/queries');
     $('named').innerHTML = qs.map(q => `<option value="${esc(q.name)}">${esc(q.name)}: ` +
                                        `${esc(q.prompt)}</option>`).join('');
-  } catch (e) { $('status').textContent = e.message; }
+  } catch (e) { $('status').textContent = e.message; return; }
+  // /?query=<name>&k=<k> attributes that generated query at once (a link one can share).
+  const params = new URLSearchParams(location.search);
+  if (params.get('k')) $('k').value = params.get('k');
+  if (params.get('query')) { $('named').value = params.get('query'); $('pick').onclick(); }
 }
 $('pick').onclick = async () => {
   const name = $('named').value; $('status').textContent = 'attributing...';
