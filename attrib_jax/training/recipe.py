@@ -82,6 +82,36 @@ def trained_with_differences(config: ml_collections.ConfigDict, done: dict) -> l
   return sorted(".".join(p) for p in set(ours) | set(theirs) if ours.get(p) != theirs.get(p))
 
 
+# config.train settings that change how a run reports and checkpoints, not its weights.
+REPORTING_TRAIN_KEYS = frozenset({"sample_every", "log_every", "checkpoint_every"})
+# Every config.train setting `run` reads: another key is a typo that would silently train with
+# the default it meant to change.
+TRAIN_KEYS = REPORTING_TRAIN_KEYS | frozenset({
+    "batch_size", "num_steps", "learning_rate", "warmup_steps", "lr_schedule", "weight_decay",
+    "grad_clip_norm", "random_flip", "caption_dropout", "ema_decay", "min_snr_gamma",
+    "num_devices"})
+
+
+def trained_with_differences(config: ml_collections.ConfigDict, done: dict) -> list[str]:
+  """The settings (dotted keys, sorted) in which `config`'s recipe differs from the one a
+  finished model was trained with (`done`: its DONE.json). Blocks that cannot change the
+  weights (NOT_TRAINING_KEYS) and REPORTING_TRAIN_KEYS are left out; tuples and lists compare
+  equal (DONE.json stores JSON)."""
+  def flat(tree, prefix=()):
+    if not isinstance(tree, dict):
+      return {prefix: tree}
+    return {p: v for k, sub in tree.items() for p, v in flat(sub, prefix + (k,)).items()}
+
+  def recipe_of(tree):
+    tree = json.loads(json.dumps(tree, default=str))
+    return {p: v for p, v in flat({k: v for k, v in tree.items()
+                                   if k not in NOT_TRAINING_KEYS}).items()
+            if not (p[0] == "train" and p[-1] in REPORTING_TRAIN_KEYS)}
+
+  ours, theirs = recipe_of(config.to_dict()), recipe_of(done["settings"]["config"])
+  return sorted(".".join(p) for p in set(ours) | set(theirs) if ours.get(p) != theirs.get(p))
+
+
 def _claim_run(config: ml_collections.ConfigDict, train_dir: str, trained_with: dict,
                settings: dict) -> None:
   """Records in `train_dir`/RUN.json what the run there trains, before its first step; a rerun
@@ -220,14 +250,20 @@ def _random_text_encoder(config, model_dir: str, source: DatasetSource) -> None:
 
 
 def _copy_pretrained(config, model_dir: str, field: str = "pretrained_dir",
-                     names=("text_encoder", "tokenizer", "vae")) -> None:
-  """Real models: the text encoder, tokenizer (and VAE) are the user's local files."""
+                     names=("vae", "tokenizer", "text_encoder")) -> None:
+  """Real models: the text encoder, tokenizer (and VAE) are the user's local files.
+
+  Each component lands whole or not at all (a staging copy renamed into place), text_encoder
+  last: `prepare` takes text_encoder/config.json as the sign that the text side is complete,
+  so a run killed while copying copies again rather than going on without a VAE.
+  """
   src = config[field]
   for name in names:
     if not os.path.isdir(os.path.join(src, name)):
       raise FileNotFoundError(f"config.{field}={src} has no {name}/ directory")
-  for name in names:
-    shutil.copytree(os.path.join(src, name), os.path.join(model_dir, name), dirs_exist_ok=True)
+  for name in sorted(names, key=lambda n: n == "text_encoder"):
+    with io_utils.atomic_directory(os.path.join(model_dir, name)) as staging:
+      shutil.copytree(os.path.join(src, name), staging, dirs_exist_ok=True)
 
 
 def _encoders(config, model_dir: str):
@@ -253,16 +289,20 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, log=print):
   """Dataset, text side and precomputed arrays; returns (source, arrays, model_dir)."""
   model_dir = os.path.join(workdir, "model")
   source = open_dataset(config, os.path.join(workdir, "tfds"))
+  # text_encoder/config.json is written last of the text side (save_component writes the
+  # weights first; _copy_pretrained copies text_encoder last), so it marks the side complete.
   if not os.path.exists(os.path.join(model_dir, "text_encoder", "config.json")):
     os.makedirs(model_dir, exist_ok=True)
     if config.world.kind == "coco2017_captions":
       _copy_pretrained(config, model_dir)
     else:  # pixel space, with a random text tower or the user's CLIP text directory
+      # Before the marker: a run killed between the two would otherwise resume without the
+      # codec file and read the model as unpatched pixels (read_pixel_patch's default 1).
+      pipeline_lib.write_pixel_patch(model_dir, config.pixel_patch)
       if config.get("pretrained_text_dir"):
-        _copy_pretrained(config, model_dir, "pretrained_text_dir", ("text_encoder", "tokenizer"))
+        _copy_pretrained(config, model_dir, "pretrained_text_dir", ("tokenizer", "text_encoder"))
       else:
         _random_text_encoder(config, model_dir, source)
-      pipeline_lib.write_pixel_patch(model_dir, config.pixel_patch)
   pipeline_lib.save_scheduler(os.path.join(model_dir, "scheduler"), config.scheduler.to_dict())
   pipeline_lib.save_model_index(model_dir,
                                 pixel_space=not os.path.isdir(os.path.join(model_dir, "vae")))
