@@ -82,36 +82,6 @@ def trained_with_differences(config: ml_collections.ConfigDict, done: dict) -> l
   return sorted(".".join(p) for p in set(ours) | set(theirs) if ours.get(p) != theirs.get(p))
 
 
-# config.train settings that change how a run reports and checkpoints, not its weights.
-REPORTING_TRAIN_KEYS = frozenset({"sample_every", "log_every", "checkpoint_every"})
-# Every config.train setting `run` reads: another key is a typo that would silently train with
-# the default it meant to change.
-TRAIN_KEYS = REPORTING_TRAIN_KEYS | frozenset({
-    "batch_size", "num_steps", "learning_rate", "warmup_steps", "lr_schedule", "weight_decay",
-    "grad_clip_norm", "random_flip", "caption_dropout", "ema_decay", "min_snr_gamma",
-    "num_devices"})
-
-
-def trained_with_differences(config: ml_collections.ConfigDict, done: dict) -> list[str]:
-  """The settings (dotted keys, sorted) in which `config`'s recipe differs from the one a
-  finished model was trained with (`done`: its DONE.json). Blocks that cannot change the
-  weights (NOT_TRAINING_KEYS) and REPORTING_TRAIN_KEYS are left out; tuples and lists compare
-  equal (DONE.json stores JSON)."""
-  def flat(tree, prefix=()):
-    if not isinstance(tree, dict):
-      return {prefix: tree}
-    return {p: v for k, sub in tree.items() for p, v in flat(sub, prefix + (k,)).items()}
-
-  def recipe_of(tree):
-    tree = json.loads(json.dumps(tree, default=str))
-    return {p: v for p, v in flat({k: v for k, v in tree.items()
-                                   if k not in NOT_TRAINING_KEYS}).items()
-            if not (p[0] == "train" and p[-1] in REPORTING_TRAIN_KEYS)}
-
-  ours, theirs = recipe_of(config.to_dict()), recipe_of(done["settings"]["config"])
-  return sorted(".".join(p) for p in set(ours) | set(theirs) if ours.get(p) != theirs.get(p))
-
-
 def _claim_run(config: ml_collections.ConfigDict, train_dir: str, trained_with: dict,
                settings: dict) -> None:
   """Records in `train_dir`/RUN.json what the run there trains, before its first step; a rerun
