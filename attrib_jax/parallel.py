@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA = "data"
@@ -40,16 +41,82 @@ def pad_to_multiple(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
-def shard_batch(batch: Any, mesh: Mesh) -> Any:
-  """Host numpy batch -> global arrays split over `DATA`.
+def is_main_process() -> bool:
+  """True on process 0, the one process that writes files (always True on one host)."""
+  return jax.process_index() == 0
 
-  Single host: a plain `device_put`. Multi-host: each process passes its own rows and
-  `make_array_from_process_local_data` assembles the global array.
+
+def process_rows(mesh: Mesh, global_size: int) -> np.ndarray:
+  """Positions, ascending, of the rows of a global batch of `global_size` that this process
+  feeds under `batch_sharding`: the rows its own devices hold. One process: all of them.
+
+  Drivers read only these rows from disk and pass them to `shard_batch`; the order is the
+  one `make_array_from_process_local_data` expects (its shards' global order).
+  """
+  if global_size % mesh.size:
+    raise ValueError(f"a global batch of {global_size} rows does not split over "
+                     f"{mesh.size} devices")
+  index_map = batch_sharding(mesh).addressable_devices_indices_map((global_size,))
+  if not index_map:
+    raise ValueError(f"process {jax.process_index()} owns no device of the mesh: every "
+                     "process must hold some of the mesh's devices to feed its rows")
+  starts = sorted({idx[0].indices(global_size) for idx in index_map.values()})
+  return np.concatenate([np.arange(start, stop) for start, stop, _ in starts])
+
+
+def shard_batch(batch: Any, mesh: Mesh, global_size: int | None = None) -> Any:
+  """This process's rows of a batch (host numpy) -> global arrays split over `DATA`.
+
+  `batch` holds the rows `process_rows(mesh, global_size)` of the global batch; with one
+  process that is the whole batch, and this is a plain `device_put`. With several,
+  `make_array_from_process_local_data` assembles the global array from every process's rows
+  (`global_size` defaults to the local row count times the share of the mesh held here).
   """
   sharding = batch_sharding(mesh)
+  local_rows = {np.shape(x)[0] for x in jax.tree.leaves(batch)}
+  if len(local_rows) != 1:
+    raise ValueError(f"batch leaves disagree on their row count: {sorted(local_rows)}")
+  (local_rows,) = local_rows
+  if global_size is None:
+    num_local = len(sharding.addressable_devices)
+    if not num_local or local_rows * mesh.size % num_local:
+      raise ValueError(f"{local_rows} local rows do not split over this process's "
+                       f"{num_local} devices of the mesh")
+    global_size = local_rows * mesh.size // num_local
+  expected = process_rows(mesh, global_size).size
+  if local_rows != expected:
+    raise ValueError(f"process {jax.process_index()} passed {local_rows} rows of a global "
+                     f"batch of {global_size}; its devices hold {expected} (see process_rows)")
   if jax.process_count() == 1:
     return jax.device_put(batch, sharding)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+      sharding, np.asarray(x), (global_size,) + np.shape(x)[1:]), batch)
+
+
+def shard_global_batch(batch: Any, mesh: Mesh) -> Any:
+  """A whole global batch, identical on every process -> global arrays: each process keeps
+  its own rows. For batches that are cheap to build everywhere; drivers that read from disk
+  should read only `process_rows` and call `shard_batch`."""
+  sizes = {np.shape(x)[0] for x in jax.tree.leaves(batch)}
+  if len(sizes) != 1:
+    raise ValueError(f"batch leaves disagree on their row count: {sorted(sizes)}")
+  (size,) = sizes
+  mine = process_rows(mesh, size)
+  return shard_batch(jax.tree.map(lambda x: np.asarray(x)[mine], batch), mesh, size)
+
+
+def to_host(tree: Any) -> Any:
+  """Device arrays -> numpy, the global value on every process.
+
+  Fully addressable or replicated arrays are read locally; an array split over other
+  processes' devices (a batch-sharded output) is all-gathered, which is a collective: every
+  process must call this in the same order.
+  """
+  def fetch(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+      return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return jax.tree.map(fetch, tree)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

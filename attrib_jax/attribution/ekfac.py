@@ -423,6 +423,7 @@ def _run_pass(apply_fn, params, arrays, schedule, plan: _Plan, settings: EKFACSe
 
   gather = fisher_lib._gather_rows  # pylint: disable=protected-access  (the Fisher's batches)
 
+  mine = parallel.process_rows(mesh, batch)  # this process's slots of each global batch
   for b in range(num_batches):
     ids = np.arange(start + b * batch, min(start + (b + 1) * batch, total))
     epoch, within = np.divmod(ids, per_epoch)
@@ -432,6 +433,8 @@ def _run_pass(apply_fn, params, arrays, schedule, plan: _Plan, settings: EKFACSe
       pad = batch - ids.size
       valid[ids.size:] = 0
       epoch, pos, flip = (np.concatenate([a, np.repeat(a[:1], pad)]) for a in (epoch, pos, flip))
+    # The plan of the global batch is cheap; only this process's rows are drawn and read.
+    epoch, pos, flip, valid = epoch[mine], pos[mine], flip[mine], valid[mine]
     item_rows = plan.rows[pos]
     caption = fisher_lib.draw_captions(settings.seed, epoch, plan.index[pos], flip,
                                        plan.num_captions[pos])
@@ -441,7 +444,7 @@ def _run_pass(apply_fn, params, arrays, schedule, plan: _Plan, settings: EKFACSe
         "index": plan.index[pos].astype(np.uint32), "flip": flip.astype(np.int32),
         "epoch": epoch.astype(np.int32), "valid": valid}
     acc, comp = step(acc, comp, params_d, schedule_d, seed, bases_d, refit_d,
-                     parallel.shard_batch(host_batch, mesh))
+                     parallel.shard_batch(host_batch, mesh, batch))
     done = b + 1
     if done % settings.flush_every == 0 or done == num_batches:
       a, c = jax.device_get((acc, comp))

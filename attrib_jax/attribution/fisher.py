@@ -112,7 +112,8 @@ def draw_captions(seed: int, epoch: np.ndarray, index: np.ndarray, flip: np.ndar
                   num_captions: np.ndarray) -> np.ndarray:
   """Caption choices of a batch of examples, computed on the host CPU (no device round trip,
   so the next batch can be gathered while the accelerator works)."""
-  with jax.default_device(jax.devices("cpu")[0]):
+  # A *local* CPU device: under several processes jax.devices() lists other processes' too.
+  with jax.default_device(jax.local_devices(backend="cpu")[0]):
     return np.asarray(_caption_fn()(np.uint32(seed), epoch.astype(np.int32),
                                     index.astype(np.uint32), flip.astype(np.int32),
                                     num_captions.astype(np.int32)))
@@ -267,11 +268,12 @@ def compute_fisher(apply_fn: Callable, params: Mapping[str, Any], arrays: Mappin
     for p in host:
       host[p] += a[p].astype(np.float64) - c[p].astype(np.float64)
     acc, comp = zeros(), zeros()
-    if checkpoint_path:
+    if checkpoint_path and parallel.is_main_process():  # every process holds the same sums
       scores_lib.atomic_savez(checkpoint_path, fingerprint=np.asarray(fingerprint),
                               examples_done=np.asarray(examples_done),
                               **{"sum/" + selection.path_name(p): v for p, v in host.items()})
 
+  mine = parallel.process_rows(mesh, batch)  # this process's slots of each global batch
   for b in range(num_batches):
     ids = np.arange(start + b * batch, min(start + (b + 1) * batch, total))
     epoch, within = np.divmod(ids, per_epoch)
@@ -281,6 +283,8 @@ def compute_fisher(apply_fn: Callable, params: Mapping[str, Any], arrays: Mappin
       pad = batch - ids.size
       valid[ids.size:] = 0
       epoch, pos, flip = (np.concatenate([a, np.repeat(a[:1], pad)]) for a in (epoch, pos, flip))
+    # The plan of the global batch is cheap; only this process's rows are drawn and read.
+    epoch, pos, flip, valid = epoch[mine], pos[mine], flip[mine], valid[mine]
     item_rows = rows[pos]
     caption = draw_captions(settings.seed, epoch, index[pos], flip, num_captions[pos])
     host_batch = {
@@ -289,7 +293,7 @@ def compute_fisher(apply_fn: Callable, params: Mapping[str, Any], arrays: Mappin
         "index": index[pos].astype(np.uint32), "flip": flip.astype(np.int32),
         "epoch": epoch.astype(np.int32), "valid": valid}
     acc, comp = step(acc, comp, selected, rest, schedule_d, seed,
-                     parallel.shard_batch(host_batch, mesh))
+                     parallel.shard_batch(host_batch, mesh, batch))
     done = b + 1
     if done % settings.flush_every == 0 or done == num_batches:
       flush(min(start + done * batch, total))

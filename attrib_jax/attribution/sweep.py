@@ -413,7 +413,9 @@ def sweep(apply_fn: Callable, params_before: Mapping[str, Any],
     paths = _changed_leaves(params_d, params_after)
     flat_after = traverse_util.flatten_dict(params_after)
     if method == "jvp":
-      flat_before = traverse_util.flatten_dict(params_before)
+      # θ0 as it lies on the mesh: under several processes it must meet θ' (a global array)
+      # as a global array too.
+      flat_before = traverse_util.flatten_dict(params_d)
       # θ' − θ0 is exact in floating point for a small step (Sterbenz), so the tangent is the
       # update that was actually applied.
       changed = {p: (jnp.asarray(flat_after[p]) - jnp.asarray(flat_before[p])).astype(
@@ -485,20 +487,23 @@ def sweep(apply_fn: Callable, params_before: Mapping[str, Any],
   meter = scores_lib.ProgressMeter("sweep", n, "items", start=done)
   weights_t = timestep_weights(settings, schedule)
 
+  mine = parallel.process_rows(mesh, batch)  # this process's slots of each global batch
+
   def launch(start: int):
     stop = min(start + batch, n)
     take = np.arange(start, stop)
     take = np.concatenate([take, np.full(batch - take.size, take[0])])  # pad: masked below
+    take = take[mine]  # only this process's rows are read
     host = {"latents": _gather(arrays["latents"], rows[take], flips).astype(np.float32),
             "text": _gather(arrays["text_states"], rows[take], slice(0, num_k)).astype(
                 np.float32),
             "index": index[take].astype(np.uint32)}
     return start, stop, program(params_d, changed_d, schedule_d, seed,
-                                parallel.shard_batch(host, mesh))
+                                parallel.shard_batch(host, mesh, batch))
 
   def finish(start: int, stop: int, out: dict, batches_done: int):
     nonlocal done
-    out = jax.device_get(out)
+    out = parallel.to_host(out)  # every process gets the whole batch's losses
     m = stop - start
     slot_pre_b = out["pre"][:m]
     if mode == "post":
@@ -516,7 +521,8 @@ def sweep(apply_fn: Callable, params_before: Mapping[str, Any],
     if slot_pre is not None:
       slot_pre[start:stop] = slot_pre_b
     done = stop
-    if checkpoint_path and (batches_done % checkpoint_every == 0 or done == n):
+    if (checkpoint_path and parallel.is_main_process()
+        and (batches_done % checkpoint_every == 0 or done == n)):
       extra = {"delta": delta} if delta is not None else {}
       if slot_pre is not None:
         extra["slot_pre"] = slot_pre

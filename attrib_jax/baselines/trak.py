@@ -272,10 +272,10 @@ class TRAK(interface.Method):
     size = setup["batch"]
     padded = {k: np.concatenate([v, np.repeat(v[:1], size - n, axis=0)]) if n < size else v
               for k, v in batch.items()}
-    padded = parallel.shard_batch(padded, setup["mesh"])
+    padded = parallel.shard_global_batch(padded, setup["mesh"])
     padded["caption"], padded["noise"] = setup["draws"](setup["seed"], padded)
     phi = setup["features"](*setup["weights"], setup["seed"], padded)
-    return np.asarray(jax.device_get(phi))[:n]
+    return parallel.to_host(phi)[:n]
 
   # ------------------------------------------------------------------ features ---
 

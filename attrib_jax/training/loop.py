@@ -102,12 +102,14 @@ def train(*, arrays: dict, apply_fn: Callable, init_params: Any, schedule: Any,
     if model_key is not None:
       _STEP_FNS[(model_key, step_settings)] = step_fn
   state = trainer.init_state(init_params, optimizer, seed, use_ema=ema_decay is not None)
+  # Replicated over the mesh before a restore, so that Orbax restores onto the mesh: with
+  # several processes, a state on one local device would be each process's own.
+  state = parallel.replicate(jax.device_get(state), mesh)
   manager = _checkpoint_manager(os.path.join(workdir, "checkpoints"), keep_checkpoints)
   if manager.latest_step() is not None:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     state = _restore(manager, abstract)
     log(f"train: resumed from step {int(state.step)} in {workdir}")
-  state = parallel.replicate(state, mesh)
   null_states = parallel.replicate(np.asarray(arrays["null_text_states"]), mesh)
   batch_arrays = {k: arrays[k] for k in ("latents", "text_states", "num_captions")}
 
@@ -116,11 +118,12 @@ def train(*, arrays: dict, apply_fn: Callable, init_params: Any, schedule: Any,
   log(f"train: {rows.size} items ({len(arrays['index']) - rows.size} excluded), steps "
       f"{first}..{num_steps}, batch {batch_size}, {mesh.size} device(s)")
   t0, losses = time.time(), []
+  mine = parallel.process_rows(mesh, batch_size)  # this process's slots of each global batch
   for step in range(first, last):
-    batch = input_pipeline.gather(batch_arrays,
-                                  input_pipeline.batch_rows(rows, seed, step, batch_size,
-                                                            num_rows=len(arrays["index"])))
-    state, metrics = step_fn(state, parallel.shard_batch(batch, mesh), null_states)
+    global_rows = input_pipeline.batch_rows(rows, seed, step, batch_size,
+                                            num_rows=len(arrays["index"]))
+    batch = input_pipeline.gather(batch_arrays, global_rows[mine])  # only this process's rows
+    state, metrics = step_fn(state, parallel.shard_batch(batch, mesh, batch_size), null_states)
     losses.append(metrics["loss"])
     done = step + 1
     if done % log_every == 0 or done == last:

@@ -1,0 +1,128 @@
+"""Multi-host for real: 2 processes × 2 CPU devices under `jax.distributed` == 1 process × 4.
+
+Both runs execute tests/multihost_worker.py (training with an interruption and a resume, the
+Fisher, the AbU step, the sweep paired and jvp, EK-FAC and the AbU+ step) on a mesh of 4
+devices. In the 2-process run each process feeds only its own rows, the processes meet in
+XLA's CPU collectives (gloo, jax 0.10.2's default), and only process 0 writes. The numbers
+must agree to float32 rounding: the draws are keyed by example, not by device or process.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
+TIMEOUT_S = 600  # the whole test; a hung collective must fail it, not hang CI
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _start(out_dir: str, log: str, devices: int, *distributed: int) -> subprocess.Popen:
+  os.makedirs(out_dir, exist_ok=True)
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu")
+  with open(log, "w") as f:
+    return subprocess.Popen([sys.executable, WORKER, out_dir, *map(str, distributed)], env=env,
+                            stdout=f, stderr=subprocess.STDOUT, cwd=os.path.dirname(WORKER))
+
+
+def _wait(procs: list[subprocess.Popen], logs: list[str]) -> None:
+  """All exit 0, or every process is killed and the logs' tails are shown."""
+  deadline = time.monotonic() + TIMEOUT_S
+  while any(p.poll() is None for p in procs):
+    failed = any(p.poll() not in (None, 0) for p in procs)
+    if failed or time.monotonic() > deadline:
+      for p in procs:  # a peer that died leaves the others waiting in a collective
+        if p.poll() is None:
+          p.kill()
+          p.wait()
+      break
+    time.sleep(0.5)
+  if any(p.returncode != 0 for p in procs):
+    tails = "\n".join(f"--- {log}\n{open(log).read()[-3000:]}" for log in logs)
+    pytest.fail(f"worker exit codes {[p.returncode for p in procs]}:\n{tails}")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("multihost"))
+  one, two = os.path.join(root, "one"), os.path.join(root, "two")
+  port = _free_port()
+  start = time.monotonic()
+  # All three at once: the two peers spend part of their time waiting on each other.
+  logs = [os.path.join(root, name) for name in ("one.log", "two_0.log", "two_1.log")]
+  procs = [_start(one, logs[0], 4), _start(two, logs[1], 2, 0, 2, port),
+           _start(two, logs[2], 2, 1, 2, port)]
+  _wait(procs, logs)
+  print(f"multihost runs: {time.monotonic() - start:.0f} s")
+  return (dict(np.load(os.path.join(one, "results.npz"))),
+          dict(np.load(os.path.join(two, "results.npz"))), two)
+
+
+def _agree(one: dict, two: dict, prefix: str, rtol: float = 1e-5) -> None:
+  """Equal to float32 rounding: within rtol of each value, or of the array's largest value
+  (sums of float32 terms in another order differ by about that much)."""
+  keys = [k for k in one if k.startswith(prefix)]
+  assert keys and keys == [k for k in two if k.startswith(prefix)]
+  worst_abs = worst_rel = 0.0
+  for k in keys:
+    scale = float(np.abs(one[k]).max())
+    np.testing.assert_allclose(two[k], one[k], rtol=rtol, atol=rtol * scale, err_msg=k)
+    diff = float(np.abs(two[k].astype(np.float64) - one[k]).max())
+    worst_abs, worst_rel = max(worst_abs, diff), max(worst_rel, diff / max(scale, 1e-30))
+  print(f"{prefix:16s} max |2x2 - 1x4| {worst_abs:.2e}, relative to the array's max "
+        f"{worst_rel:.2e}")
+
+
+def test_the_runs_are_what_they_claim(runs):
+  one, two, two_dir = runs
+  assert int(one["process_count"]) == 1 and int(two["process_count"]) == 2
+  assert int(one["mesh_size"]) == int(two["mesh_size"]) == 4
+  # Each process reads its own half of a global batch of 8, not the whole batch.
+  np.testing.assert_array_equal(one["rows_of_process"], [np.arange(8)])
+  np.testing.assert_array_equal(two["rows_of_process"], [np.arange(4), np.arange(4, 8)])
+  # Only process 0 writes the attribution checkpoints (each process got its own folder).
+  assert sorted(os.listdir(os.path.join(two_dir, "process_0"))) == [
+      "fisher_ckpt.npz", "sweep_jvp.npz", "sweep_paired.npz"]
+  assert os.listdir(os.path.join(two_dir, "process_1")) == []
+
+
+def test_training_step_and_resume_agree(runs):
+  one, two, _ = runs
+  assert int(two["train/step"]) == 3
+  _agree(one, two, "train/")
+
+
+def test_fisher_agrees(runs):
+  one, two, _ = runs
+  assert all((two[k] > 0).all() for k in two if k.startswith("fisher/"))
+  _agree(one, two, "fisher/")
+
+
+def test_unlearning_steps_agree(runs):
+  one, two, _ = runs
+  for prefix in ("unlearn/", "ekfac_unlearn/"):  # both steps moved the selected weights
+    for kv in ("to_k", "to_v"):
+      moved = np.abs(two[f"{prefix}attn2/{kv}/kernel"] - two[f"theta0/attn2/{kv}/kernel"])
+      assert moved.max() > 1e-4, prefix + kv
+  _agree(one, two, "unlearn/")
+  _agree(one, two, "ekfac/")
+  _agree(one, two, "ekfac_unlearn/")
+
+
+def test_sweep_scores_agree(runs):
+  one, two, _ = runs
+  for method in ("paired", "jvp"):
+    delta = two[f"sweep_{method}/delta"]
+    assert np.abs(delta).max() > 1e-3  # the step did change the training losses
+    _agree(one, two, f"sweep_{method}/")
