@@ -102,9 +102,11 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
-def _run_and_kill(cmd: list[str], env: dict, log_path: str, after: float) -> tuple[str, str]:
+def _run_and_kill(cmd: list[str], env: dict, log_path: str,
+                  after: float) -> tuple[str, str, float]:
   """Starts cmd, SIGKILLs its main process after `after` seconds. Returns (what happened, what
-  was left: '' or a note on child processes that outlived their parent)."""
+  was left: '' or a note on child processes that outlived their parent, wall seconds)."""
+  t0 = time.time()
   with open(log_path, "w") as log:
     # Its own process group: after the kill we can tell whether children (retraining workers)
     # died with it, and end exactly those we started if they did not.
@@ -112,7 +114,7 @@ def _run_and_kill(cmd: list[str], env: dict, log_path: str, after: float) -> tup
                             start_new_session=True)
     try:
       proc.wait(timeout=after)
-      return f"finished before the kill (rc {proc.returncode})", ""
+      return f"finished before the kill (rc {proc.returncode})", "", time.time() - t0
     except subprocess.TimeoutExpired:
       pass
     os.kill(proc.pid, signal.SIGKILL)
@@ -125,7 +127,7 @@ def _run_and_kill(cmd: list[str], env: dict, log_path: str, after: float) -> tup
   if _group_alive(proc.pid):
     left = "children outlived the kill by 30 s (killed)"
     os.killpg(proc.pid, signal.SIGKILL)
-  return "killed", left
+  return "killed", left, after
 
 
 # ------------------------------------------------------------------------- comparison ---
@@ -292,14 +294,18 @@ def main():
       rows.append((launcher.name, "repeat", float("nan"), seconds, outcome + " [no kill]"))
       print(f"{launcher.name} repeat, not killed: {seconds:.1f}s: {outcome}", flush=True)
       shutil.rmtree(workdir, ignore_errors=True)
-    for trial in range(args.trials):
-      # Stratified: trial i kills in the i-th of `trials` equal slices of a warm run.
+    trial = attempt = 0
+    while trial < args.trials:
+      # Stratified: trial i kills in the i-th of `trials` equal slices of a warm run. On a
+      # shared machine a run's length varies with the load: one that ends before its kill is
+      # still compared, then the span shrinks to its length and the slice is drawn again.
       after = seconds * (trial + rng.random()) / args.trials
-      workdir = os.path.join(out, "trials", f"{launcher.name}-{trial}")
+      workdir = os.path.join(out, "trials", f"{launcher.name}-{attempt}")
       shutil.copytree(launcher.base, workdir, symlinks=True)
-      log = os.path.join(out, "trials", f"{launcher.name}-{trial}")
+      log = os.path.join(out, "trials", f"{launcher.name}-{attempt}")
+      attempt += 1
       cmd = _command(launcher, workdir, cache)
-      happened, left = _run_and_kill(cmd, env, log + ".killed.log", after)
+      happened, left, elapsed = _run_and_kill(cmd, env, log + ".killed.log", after)
       try:
         _run(cmd, env, log + ".rerun.log", args.timeout)
         outcome = compare(reference, OUTPUTS[launcher.name](workdir))
@@ -309,9 +315,16 @@ def main():
         outcome += f" [{happened}]"
       if left:
         outcome += f" [{left}]"
-      rows.append((launcher.name, trial, after, seconds, outcome))
+      rows.append((launcher.name, trial if happened == "killed" else "-", after, seconds,
+                   outcome))
       print(f"{launcher.name} trial {trial}: killed at {after:.1f}s of {seconds:.1f}s: "
             f"{outcome}", flush=True)
+      if happened == "killed":
+        trial += 1
+      else:
+        seconds = min(seconds, elapsed)
+        if attempt >= 3 * args.trials:
+          raise SystemExit(f"{launcher.name}: runs keep finishing before their kill")
       if outcome.startswith("equal"):
         shutil.rmtree(workdir, ignore_errors=True)   # a failed trial's workdir is kept to read
 
@@ -320,7 +333,9 @@ def main():
     kill = "-" if after != after else f"{after:.1f}"   # NaN: the repeat run, not killed
     print(f"{name:<10} {trial:>6} {kill:>12} {seconds:>7.1f}  {outcome}")
   failed = [r for r in rows if not r[4].startswith("equal")]
-  print(f"\n{len(rows) - len(failed)}/{len(rows)} trials equal to the uninterrupted run; "
+  killed = sum(1 for r in rows if isinstance(r[1], int))
+  print(f"\n{len(rows) - len(failed)}/{len(rows)} runs equal to the uninterrupted run "
+        f"({killed} killed and resumed); "
         f"{time.time() - t_start:.0f}s in all")
   buffer = io.StringIO()
   csv.writer(buffer, lineterminator="\n").writerows(
