@@ -4,7 +4,10 @@ Every device-parallel program here (training, Fisher, unlearning, the loss sweep
 `NamedSharding`s over this mesh, or `jax.shard_map` where per-device work is explicit. Parameters
 are replicated (our models are at most a few hundred MB); examples are split over `DATA`.
 Multi-host: call `jax.distributed.initialize()` first (see `launch/`), then every host builds the
-same mesh over `jax.devices()` and feeds its own slice of each batch.
+same mesh over `jax.devices()` and feeds its own slice of each batch: it reads the rows
+`process_rows` names and passes them to `shard_batch`; `to_host` brings results back (gathering
+what other processes hold), and only `is_main_process()` writes files. tests/test_multihost.py
+checks 2 processes × 2 CPU devices against 1 × 4.
 """
 from __future__ import annotations
 
@@ -103,6 +106,31 @@ def shard_global_batch(batch: Any, mesh: Mesh) -> Any:
   (size,) = sizes
   mine = process_rows(mesh, size)
   return shard_batch(jax.tree.map(lambda x: np.asarray(x)[mine], batch), mesh, size)
+
+
+def same_on_every_process(tree: Any) -> Any:
+  """Process 0's value of a tree of host arrays, on every process (a no-op on one).
+
+  For host results that later become replicated device arrays but need not be bit-identical
+  across hosts (LAPACK's eigh may take other code paths on other CPUs): a replicated array
+  whose processes hold different bits is silently inconsistent. Sent as raw bytes, so float64
+  stays float64 (jax's x64 flag is off). A collective: every process must call it.
+  """
+  if jax.process_count() == 1:
+    return tree
+  leaves, treedef = jax.tree.flatten(tree)
+  leaves = [np.asarray(x) for x in leaves]
+  sent = multihost_utils.broadcast_one_to_all(
+      [np.ascontiguousarray(x).reshape(-1).view(np.uint8) for x in leaves])
+  return jax.tree.unflatten(treedef, [np.asarray(r).view(x.dtype).reshape(x.shape)
+                                      for r, x in zip(sent, leaves)])
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches `name` (e.g. after process 0 wrote a file the others
+  read next). A no-op on one process."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 def to_host(tree: Any) -> Any:

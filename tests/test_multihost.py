@@ -126,3 +126,26 @@ def test_sweep_scores_agree(runs):
     delta = two[f"sweep_{method}/delta"]
     assert np.abs(delta).max() > 1e-3  # the step did change the training losses
     _agree(one, two, f"sweep_{method}/")
+
+
+def test_process_rows_and_shard_batch_on_one_process():
+  """In-process (8 fake devices): one process feeds every row, a wrong count is an error."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from attrib_jax import parallel  # pylint: disable=g-import-not-at-top
+  mesh = parallel.make_mesh(4)
+  np.testing.assert_array_equal(parallel.process_rows(mesh, 8), np.arange(8))
+  with pytest.raises(ValueError, match="does not split over 4 devices"):
+    parallel.process_rows(mesh, 6)
+  batch = {"x": np.arange(16.0).reshape(8, 2), "i": np.arange(8)}
+  sharded = parallel.shard_batch(batch, mesh, 8)
+  assert sharded["x"].sharding.spec == parallel.batch_sharding(mesh).spec
+  np.testing.assert_array_equal(parallel.to_host(sharded)["x"], batch["x"])
+  np.testing.assert_array_equal(
+      parallel.to_host(parallel.shard_global_batch(batch, mesh))["i"], batch["i"])
+  with pytest.raises(ValueError, match="passed 4 rows of a global batch of 8"):
+    parallel.shard_batch({"x": np.zeros((4, 2))}, mesh, 8)
+  with pytest.raises(ValueError, match="disagree on their row count"):
+    parallel.shard_batch({"x": np.zeros((8, 2)), "y": np.zeros(4)}, mesh)
+  tree = {("a", "b"): np.arange(3, dtype=np.float64)}
+  assert parallel.same_on_every_process(tree) is tree
+  assert parallel.is_main_process() and jax.process_count() == 1

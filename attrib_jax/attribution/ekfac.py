@@ -505,6 +505,12 @@ def compute_covariances(apply_fn: Callable, params: Mapping[str, Any], arrays: M
                                          sums[layer.module]["G"] / rows_seen,
                                          has_bias=layer.has_bias,
                                          tokens_per_example=layer.tokens)
+  # The bases become replicated device arrays (pass 2, the AbU+ step): every process must
+  # hold the same bits, and eigh on other hosts' CPUs need not give them. Process 0's win.
+  eig = ("activation_eigvals", "activation_eigvecs", "gradient_eigvals", "gradient_eigvecs")
+  shared = parallel.same_on_every_process(
+      {m: {k: getattr(f, k) for k in eig} for m, f in layers.items()})
+  layers = {m: dataclasses.replace(f, **shared[m]) for m, f in layers.items()}
   meta = {"version": EKFAC_VERSION, "num_examples": plan.num_examples,
           "fingerprint": _fingerprint(scores_lib.params_fingerprint(params), settings,
                                       plan.index, schedule, plan.num_examples),
