@@ -32,10 +32,13 @@ optional; unknown keys are errors):
                                 # no LDS; train_seeds=() -> the config's seed only
       queries=(),               # query names under workdir/queries; () -> all
       keep_train_checkpoints=False,
-      retrain_workers=-1)       # retrainings in N processes of one CPU core each, in parallel
+      retrain_workers=-1,       # retrainings in N processes of one CPU core each, in parallel
                                 # (attrib_jax/evaluation/retrain_pool.py); -1: one per core on
                                 # CPU, 0 on accelerators; 0: in this process. Their models are
                                 # cached apart from in-process ones (other last bits).
+      retrain_group_size=0)     # M > 0: retrain M models at a time in one vmapped program in
+                                # this process (attrib_jax/evaluation/grouped_retrain.py),
+                                # instead of the workers; cached apart too. 0: off.
 AbU ("abu", the diagonal Fisher) and AbU+ ("abu+", EK-FAC) use `config.attribution` (as
 launch.attribute) with that preconditioner, whatever the config's own choice.
 
@@ -63,6 +66,7 @@ from attrib_jax.attribution import scores as scores_lib
 from attrib_jax.data import precompute
 from attrib_jax.evaluation import counterfactual as cf
 from attrib_jax.evaluation import eval_report
+from attrib_jax.evaluation import grouped_retrain
 from attrib_jax.evaluation import retrain_pool
 from attrib_jax.models import pipeline as pipeline_lib
 from attrib_jax.training import recipe
@@ -164,11 +168,16 @@ def main(argv):
       seeded.seed = seed
       data_dir = workdir if seed == config.seed else cf.prepare_data_workdir(
           seeded, workdir, os.path.join(out_dir, f"data-seed{seed}"), log=common.log)
-      pool = retrain_pool.RetrainPool(
-          seeded, data_dir, num_workers=workers, keep_checkpoints=settings.keep_train_checkpoints,
-          compilation_cache=cache_dir or None) if workers else None
+      group = settings.retrain_group_size
+      if group:
+        pool = grouped_retrain.GroupedRetrainer(seeded, data_dir, group_size=group, log=common.log)
+      else:
+        pool = retrain_pool.RetrainPool(
+            seeded, data_dir, num_workers=workers, keep_checkpoints=settings.keep_train_checkpoints,
+            compilation_cache=cache_dir or None) if workers else None
       caches[seed] = cf.ModelCache(
-          os.path.join(out_dir, "models"), cf.recipe_fingerprint(seeded, one_core=bool(workers)),
+          os.path.join(out_dir, "models"),
+          cf.recipe_fingerprint(seeded, one_core=bool(workers) and not group, group_size=group),
           cf.recipe_train_fn(seeded, data_dir, keep_checkpoints=settings.keep_train_checkpoints,
                              log=common.log),
           base_params=pipe.unet_params if seed == config.seed else None, pool=pool,

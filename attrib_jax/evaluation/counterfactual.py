@@ -185,8 +185,9 @@ class ModelCache:
     if not jobs:
       return
     keys = list(jobs)
-    self.log(f"models: training {len(keys)} models in {min(self.pool.num_workers, len(keys))} "
-             "worker processes")
+    how = (self.pool.describe(len(keys)) if hasattr(self.pool, "describe") else
+           f"{min(self.pool.num_workers, len(keys))} worker processes")
+    self.log(f"models: training {len(keys)} models in {how}")
     t0, finished = time.time(), []
 
     def done(n: int, timing: dict[str, float]) -> None:
@@ -244,9 +245,14 @@ def training_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   return out
 
 
-def recipe_fingerprint(config: ml_collections.ConfigDict, *, one_core: bool = False) -> str:
+def recipe_fingerprint(config: ml_collections.ConfigDict, *, one_core: bool = False,
+                       group_size: int = 0) -> str:
   """What a retrained model depends on: the recipe and, with `one_core`, that it was trained
-  single-threaded (`retrain_pool`), which changes the weights' last bits."""
+  single-threaded (`retrain_pool`), or with `group_size`, in a vmapped group of that many
+  models (`grouped_retrain`): either changes the weights' last bits."""
+  if group_size:
+    return recipe.fingerprint({"recipe": training_config(config).to_dict(),
+                               "execution": f"vmapped group of {int(group_size)}"})
   if one_core:
     return recipe.fingerprint({"recipe": training_config(config).to_dict(),
                                "execution": "one core"})

@@ -64,6 +64,9 @@ class EvalSettings:
   # Retrainings run in this many worker processes of one CPU core each (`retrain_pool`);
   # -1: one per usable core when JAX runs on the CPU, else 0; 0: in this process.
   retrain_workers: int = -1
+  # > 0: retrainings run this many at a time in one vmapped program in this process
+  # (`grouped_retrain`), instead of the worker processes; their models are cached apart.
+  retrain_group_size: int = 0
 
   def __post_init__(self):
     # The random-removal floor needs draws whenever it is a method (vs_random pairs with it).
@@ -71,6 +74,7 @@ class EvalSettings:
       scores_lib.require_at_least("evaluation", 1, random_draws=self.random_draws)
     scores_lib.require_at_least("evaluation", 1, **{f"ks[{i}]": k for i, k in enumerate(self.ks)})
     scores_lib.require_at_least("evaluation", -1, retrain_workers=self.retrain_workers)
+    scores_lib.require_at_least("evaluation", 0, retrain_group_size=self.retrain_group_size)
     for i, f in enumerate(self.k_fractions):
       if not 0 < f < 1:
         raise ValueError(f"evaluation.k_fractions[{i}] must lie in (0, 1), got {f!r}")
