@@ -59,7 +59,8 @@ def test_sharded_step_equals_unsharded(model):
 def test_resume_equals_uninterrupted(model, tmp_path):
   apply_fn, params = model
   kwargs = dict(arrays=_arrays(), apply_fn=apply_fn, init_params=params, schedule=SCHEDULE,
-                num_steps=6, batch_size=8, learning_rate=1e-2, seed=1, checkpoint_every=2,
+                settings=loop.TrainSettings(num_steps=6, batch_size=8, learning_rate=1e-2,
+                                            seed=1, checkpoint_every=2),
                 log=lambda _: None, mesh=parallel.make_mesh(2))
   full = loop.train(workdir=str(tmp_path / "full"), **kwargs)
   loop.train(workdir=str(tmp_path / "cut"), stop_after=3, **kwargs)   # "interrupted" at 3
@@ -79,7 +80,8 @@ def test_model_key_reuses_the_jitted_step_with_the_same_result(model, tmp_path):
     return module_apply(p, x, t, c)
 
   kwargs = dict(arrays=_arrays(), apply_fn=apply_fn, init_params=params, schedule=SCHEDULE,
-                num_steps=3, batch_size=8, learning_rate=1e-2, seed=1, checkpoint_every=3,
+                settings=loop.TrainSettings(num_steps=3, batch_size=8, learning_rate=1e-2,
+                                            seed=1, checkpoint_every=3),
                 log=lambda _: None, mesh=parallel.make_mesh(2))
   key = "test-model-key"
   loop.train(workdir=str(tmp_path / "a"), model_key=key, **kwargs)
@@ -112,8 +114,9 @@ def test_excluded_items_are_never_read(model, tmp_path):
   spies = {k: _Spy(arrays[k]) for k in ("latents", "text_states", "num_captions")}
   excluded = [100, 105, 117, 123]          # dataset indices, i.e. rows 0, 5, 17, 23
   loop.train(arrays=dict(arrays, **spies), apply_fn=apply_fn, init_params=params,
-             schedule=SCHEDULE, workdir=str(tmp_path), num_steps=8, batch_size=8,
-             learning_rate=1e-3, excluded=excluded, log=lambda _: None,
+             schedule=SCHEDULE, workdir=str(tmp_path),
+             settings=loop.TrainSettings(num_steps=8, batch_size=8, learning_rate=1e-3),
+             excluded=excluded, log=lambda _: None,
              mesh=parallel.make_mesh(1))
   for spy in spies.values():
     assert spy.rows == set(range(24)) - {0, 5, 17, 23}   # 8 steps x 8 = 64 > 20: all others read

@@ -7,6 +7,7 @@ step (`input_pipeline`), the step's randomness a pure function of (seed, step).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any, Callable, Iterable
@@ -56,16 +57,45 @@ def _restore(manager: ocp.CheckpointManager, abstract: Any) -> trainer.TrainStat
         f"{str(e)[:300]}); {fallback}") from e
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+  """The training recipe: the optimiser, the step's randomness and the loss, and how often
+  `train` logs, samples and checkpoints. `from_config` reads a config's `train` block."""
+  num_steps: int
+  batch_size: int
+  learning_rate: float
+  warmup_steps: int = 0
+  lr_schedule: str = "constant"
+  weight_decay: float = 0.0
+  grad_clip_norm: float | None = 1.0
+  seed: int = 0
+  random_flip: bool = True
+  caption_dropout: float = 0.1
+  ema_decay: float | None = None
+  min_snr_gamma: float | None = None
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 2
+  log_every: int = 50
+  sample_every: int = 0
+
+  @classmethod
+  def from_config(cls, config) -> "TrainSettings":
+    """From a whole config: its `train` block and its `seed`."""
+    t = config.train
+    return cls(num_steps=t.num_steps, batch_size=t.batch_size, learning_rate=t.learning_rate,
+               warmup_steps=t.warmup_steps, lr_schedule=t.get("lr_schedule", "constant"),
+               weight_decay=t.weight_decay, grad_clip_norm=t.grad_clip_norm, seed=config.seed,
+               random_flip=t.random_flip, caption_dropout=t.caption_dropout,
+               ema_decay=t.ema_decay,
+               min_snr_gamma=t.get("min_snr_gamma") or None,  # 0 or absent: off
+               checkpoint_every=t.checkpoint_every, log_every=t.log_every,
+               sample_every=t.sample_every)
+
+
 def train(*, arrays: dict, apply_fn: Callable, init_params: Any, schedule: Any,
-          workdir: str, num_steps: int, batch_size: int, learning_rate: float,
-          warmup_steps: int = 0, lr_schedule: str = "constant", weight_decay: float = 0.0,
-          grad_clip_norm: float | None = 1.0,
-          seed: int = 0, random_flip: bool = True, caption_dropout: float = 0.1,
-          ema_decay: float | None = None, min_snr_gamma: float | None = None,
-          excluded: Iterable[int] = (),
-          checkpoint_every: int = 500, keep_checkpoints: int = 2, log_every: int = 50,
-          sample_every: int = 0, sample_fn: Callable[[Any, int], None] | None = None,
-          mesh=None, stop_after: int | None = None, model_key: str | None = None,
+          workdir: str, settings: TrainSettings, excluded: Iterable[int] = (),
+          sample_fn: Callable[[Any, int], None] | None = None, mesh=None,
+          stop_after: int | None = None, model_key: str | None = None,
           log: Callable[[str], None] = print) -> trainer.TrainState:
   """Trains on the allowed rows of `arrays` (see `attrib_jax.data.precompute`).
 
@@ -74,7 +104,8 @@ def train(*, arrays: dict, apply_fn: Callable, init_params: Any, schedule: Any,
     apply_fn: `apply_fn(params, x_t, t, text_states) -> eps`.
     init_params: parameters to start from (ignored when a checkpoint exists).
     excluded: dataset indices never to read (leave-K-out retraining).
-    sample_fn: called as `sample_fn(params, step)` every `sample_every` steps (writes a grid).
+    settings: the recipe (`TrainSettings`).
+    sample_fn: called as `sample_fn(params, step)` every `settings.sample_every` steps.
     stop_after: stop (with a checkpoint) after this many steps of *this* call: used by tests to
       simulate an interruption.
     model_key: a string that identifies `apply_fn` and `schedule` (e.g. their configs as
@@ -83,29 +114,35 @@ def train(*, arrays: dict, apply_fn: Callable, init_params: Any, schedule: Any,
       a hundred times, and each fresh step costs seconds of tracing even when XLA's persistent
       cache spares the compile. None: a fresh step every call.
   Returns:
-    The final state (parameters at `num_steps`).
+    The final state (parameters at `settings.num_steps`).
   """
+  s = settings
+  num_steps, batch_size, seed = s.num_steps, s.batch_size, s.seed
   mesh = mesh or parallel.make_mesh()
   if batch_size % mesh.size:
     raise ValueError(f"batch_size {batch_size} is not divisible by {mesh.size} devices")
   rows = input_pipeline.allowed_rows(np.asarray(arrays["index"]), excluded)
-  optimizer = trainer.make_optimizer(learning_rate, warmup_steps, weight_decay, grad_clip_norm,
-                                     lr_schedule=lr_schedule, num_steps=num_steps)
-  step_settings = (learning_rate, warmup_steps, weight_decay, grad_clip_norm, lr_schedule,
-                   num_steps, random_flip, caption_dropout, ema_decay, min_snr_gamma,
+  optimizer = trainer.make_optimizer(s.learning_rate, s.warmup_steps, s.weight_decay,
+                                     s.grad_clip_norm, lr_schedule=s.lr_schedule,
+                                     num_steps=num_steps)
+  step_settings = (s.learning_rate, s.warmup_steps, s.weight_decay, s.grad_clip_norm,
+                   s.lr_schedule, num_steps, s.random_flip, s.caption_dropout, s.ema_decay,
+                   s.min_snr_gamma,
                    tuple(d.id for d in mesh.devices.flat), mesh.axis_names)
   step_fn = _STEP_FNS.get((model_key, step_settings)) if model_key is not None else None
   if step_fn is None:
-    step_fn = trainer.make_train_step(apply_fn, schedule, optimizer, random_flip=random_flip,
-                                      caption_dropout=caption_dropout, ema_decay=ema_decay,
-                                      min_snr_gamma=min_snr_gamma, mesh=mesh)
+    step_fn = trainer.make_train_step(apply_fn, schedule, optimizer,
+                                      random_flip=s.random_flip,
+                                      caption_dropout=s.caption_dropout,
+                                      ema_decay=s.ema_decay, min_snr_gamma=s.min_snr_gamma,
+                                      mesh=mesh)
     if model_key is not None:
       _STEP_FNS[(model_key, step_settings)] = step_fn
-  state = trainer.init_state(init_params, optimizer, seed, use_ema=ema_decay is not None)
+  state = trainer.init_state(init_params, optimizer, seed, use_ema=s.ema_decay is not None)
   # Replicated over the mesh before a restore, so that Orbax restores onto the mesh: with
   # several processes, a state on one local device would be each process's own.
   state = parallel.replicate(jax.device_get(state), mesh)
-  manager = _checkpoint_manager(os.path.join(workdir, "checkpoints"), keep_checkpoints)
+  manager = _checkpoint_manager(os.path.join(workdir, "checkpoints"), s.keep_checkpoints)
   if manager.latest_step() is not None:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     state = _restore(manager, abstract)
@@ -126,15 +163,16 @@ def train(*, arrays: dict, apply_fn: Callable, init_params: Any, schedule: Any,
     state, metrics = step_fn(state, parallel.shard_batch(batch, mesh, batch_size), null_states)
     losses.append(metrics["loss"])
     done = step + 1
-    if done % log_every == 0 or done == last:
+    if done % s.log_every == 0 or done == last:
       rate = (done - first) / (time.time() - t0)
       loss = float(np.mean(jax.device_get(losses)))
       losses = []
       log(f"train: step {done}/{num_steps} loss {loss:.4f} {rate:.2f} steps/s "
           f"ETA {(num_steps - done) / rate:.0f}s")
-    if sample_fn is not None and sample_every and (done % sample_every == 0 or done == num_steps):
+    if sample_fn is not None and s.sample_every and (done % s.sample_every == 0
+                                                      or done == num_steps):
       sample_fn(state.ema_params if state.ema_params is not None else state.params, done)
-    if done % checkpoint_every == 0 or done == last:
+    if done % s.checkpoint_every == 0 or done == last:
       manager.save(done, args=ocp.args.StandardSave(state))
   manager.wait_until_finished()
   manager.close()

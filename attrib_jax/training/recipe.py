@@ -335,14 +335,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, excluded=(), log=pri
     sample_fn = _grid_writer(config, model_dir, arrays, apply_fn, schedule, workdir)
   state = loop.train(
       arrays=arrays, apply_fn=apply_fn, init_params=init_params, schedule=schedule,
-      workdir=os.path.join(workdir, "train"), num_steps=t.num_steps, batch_size=t.batch_size,
-      learning_rate=t.learning_rate, warmup_steps=t.warmup_steps,
-      lr_schedule=t.get("lr_schedule", "constant"), weight_decay=t.weight_decay,
-      grad_clip_norm=t.grad_clip_norm, seed=config.seed, random_flip=t.random_flip,
-      caption_dropout=t.caption_dropout, ema_decay=t.ema_decay,
-      min_snr_gamma=t.get("min_snr_gamma") or None, excluded=excluded,  # 0 or absent: off
-      checkpoint_every=t.checkpoint_every, log_every=t.log_every, sample_every=t.sample_every,
-      sample_fn=sample_fn, mesh=mesh, log=log,
+      workdir=os.path.join(workdir, "train"), settings=loop.TrainSettings.from_config(config),
+      excluded=excluded, sample_fn=sample_fn, mesh=mesh, log=log,
       # The step depends on the network and noise schedule only through these two configs.
       model_key=json.dumps({"unet": unet_config, "scheduler": config.scheduler.to_dict()},
                            sort_keys=True, default=str))
