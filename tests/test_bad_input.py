@@ -305,7 +305,7 @@ def test_unknown_train_setting_in_a_config_is_named_before_any_work(tmp_path, mo
 
 @pytest.fixture(scope="module")
 def tiny_pipe(tmp_path_factory):
-  """A pixel-space pipeline of random weights: 8x8 images through a 2x2 codec, an 8-token
+  """A pixel-space pipeline of random text weights: 8x8 images through a 2x2 codec, an 8-token
   tokenizer (its captions' BPE)."""
   tok_dir = str(tmp_path_factory.mktemp("tokenizer"))
   vocab.write_tokenizer_files(tok_dir, ["a red circle", "a blue square on the left"], 8)
@@ -317,8 +317,9 @@ def tiny_pipe(tmp_path_factory):
                  "pad_token_id": tok.pad_token_id}
   text, text_params = clip_text.init_clip_text(text_config, jax.random.key(1))
   unet_config = dict(tt.UNET, sample_size=4, in_channels=12, out_channels=12)
-  unet, unet_params = unet_lib.init_unet(unet_config, jax.random.key(0))
-  return pipeline_lib.Pipeline(unet, unet_params, text, text_params, tok, tt.SCHEDULE, None,
+  # The UNet's weights play no part in making a query: the module alone, not initialised.
+  unet = unet_lib.UNet2DConditionModel(unet_lib.UNetConfig.from_diffusers(unet_config))
+  return pipeline_lib.Pipeline(unet, None, text, text_params, tok, tt.SCHEDULE, None,
                                None, {"unet": unet_config, "text_encoder": text_config,
                                       "vae": None}, pixel_patch=2)
 
