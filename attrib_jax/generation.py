@@ -132,8 +132,8 @@ def load_query(directory: str) -> Query:
     raise FileNotFoundError(f"{directory} is not a complete query (query.json missing)")
   with open(path) as f:
     info = json.load(f)
-  query = Query(np.load(os.path.join(directory, "latent.npy")),
-                np.load(os.path.join(directory, "text_states.npy")),
+  query = Query(io_utils.load_npy(os.path.join(directory, "latent.npy")),
+                io_utils.load_npy(os.path.join(directory, "text_states.npy")),
                 np.asarray(Image.open(os.path.join(directory, "image.png")).convert("RGB")), info)
   if "digest" in info and info["digest"] != query_digest(query):
     raise ValueError(f"{directory}: latent.npy / text_states.npy do not match query.json "

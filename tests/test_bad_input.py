@@ -3,7 +3,8 @@ computed is deleted or overwritten by the failed run.
 
 The matrix (issue 20.5) and where each row is tested:
   damaged training checkpoint      here (truncated, emptied, another model's)
-  damaged .npz / .npy caches       here (every loader: empty, truncated, one flipped byte)
+  damaged .npz / .npy caches       here (every loader: empty, truncated, one flipped byte),
+                                   also Fisher, EK-FAC and sweep checkpoints and query arrays
   mis-shaped weights               test_unet.py::test_weight_problems_name_the_key and
                                    test_weights.py (strict loading, unreadable safetensors);
                                    here: precomputed arrays and queries of another shape
@@ -181,6 +182,24 @@ def _fisher_checkpoint(micro, tmp_path):
       mesh=parallel.make_mesh(1), checkpoint_path=path)
 
 
+def _ekfac_checkpoint(micro, tmp_path):
+  from attrib_jax.attribution import ekfac as ekfac_lib  # pylint: disable=g-import-not-at-top
+  prefix = str(tmp_path / "ekfac_partial")
+  path = ekfac_lib.checkpoint_files(prefix)["covariance_pass"]
+  _some_npz(path)
+  return path, lambda: ekfac_lib.compute_ekfac(
+      ta.APPLY, micro["params"], micro["arrays"], ta.SCHEDULE, mesh=parallel.make_mesh(1),
+      checkpoint_path=prefix)
+
+
+def _query_dir(micro, tmp_path):
+  directory = str(tmp_path / "queries" / "q")
+  generation.save_query(directory, generation.Query(
+      np.zeros(ta.LATENT, np.float32), np.zeros((ta.L, ta.D), np.float32),
+      np.zeros((4, 4, 3), np.uint8), {"prompt": "p"}))
+  return os.path.join(directory, "latent.npy"), lambda: generation.load_query(directory)
+
+
 def _sweep_checkpoint(micro, tmp_path):
   path = str(tmp_path / "sweep_partial.npz")
   _some_npz(path)
@@ -221,6 +240,7 @@ def _precomputed(micro, tmp_path):
 
 CACHES = {"fisher.npz": _fisher_cache, "ekfac.npz": _ekfac_cache,
           "pre_losses.npz": _pre_losses, "Fisher checkpoint": _fisher_checkpoint,
+          "EK-FAC checkpoint": _ekfac_checkpoint, "query latent.npy": _query_dir,
           "sweep checkpoint": _sweep_checkpoint, "result.npz": _result,
           "evaluation score store": _score_store, "precomputed latents.npy": _precomputed}
 

@@ -404,7 +404,7 @@ def _run_pass(apply_fn, params, arrays, schedule, plan: _Plan, settings: EKFACSe
   acc, comp = zeros(), zeros()
   start = 0
   if checkpoint_path and os.path.exists(checkpoint_path):
-    with np.load(checkpoint_path) as ckpt:
+    with io_utils.open_npz(checkpoint_path) as ckpt:
       if str(ckpt["key"]) != key:
         raise ValueError(f"{checkpoint_path} is an EK-FAC {stage} checkpoint of other "
                          "settings, model, items or bases; delete it or use another path")
