@@ -25,8 +25,9 @@ import ml_collections
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "default"
-  if variant not in ("default", "demo", "smoke"):
-    raise ValueError(f"configs/tiny.py: unknown variant {variant!r} (default, demo, smoke)")
+  if variant not in ("default", "demo", "smoke", "visual"):
+    raise ValueError(f"configs/tiny.py: unknown variant {variant!r} (default, demo, smoke, "
+                     "visual)")
   smoke = variant == "smoke"
   c = ml_collections.ConfigDict()
   c.name = f"tiny-{variant}"
@@ -110,8 +111,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                  num_captions=3,
                  flips=(0,), seed=0, method="jvp", items_per_device=8, noise="per_item")))
   c.attribution_top_k = 10
-  if variant == "demo":
+  if variant in ("demo", "visual"):
     _demo(c)
+  if variant == "visual":
+    _visual(c)
   return c
 
 
@@ -123,3 +126,15 @@ def _demo(c: ml_collections.ConfigDict) -> None:
   c.generate.queries_per_rare_concept = 1   # one query per planted concept, one common
   c.generate.num_common_queries = 1
   c.attribution.ekfac.num_epochs = 4
+
+
+def _visual(c: ml_collections.ConfigDict) -> None:
+  """Planted concepts that text cannot find (issue 17.2), on the demo's recipe.
+
+  Each concept's 10 exemplars carry a visual trait (tiny_world.VISUAL_TRAITS) and share their
+  captions with 20 common twins without it; queries are generated from that shared caption
+  (6 seeds per concept) and count as influenced only when the trait detector sees the trait.
+  """
+  c.world.rare_style = "visual"
+  c.train.num_steps = 7000
+  c.generate.queries_per_rare_concept = 6

@@ -40,8 +40,12 @@ def query_plan(config, workdir: str) -> list[tuple[str, str, int, dict]]:
     for name, concept in rare.items():
       for k in range(g.queries_per_rare_concept):
         prompt = concept["prompts"][k % len(concept["prompts"])]
-        plan.append((f"rare_{name}_{k}", prompt, g.seed + len(plan),
-                     {"concept": name, "influential_indices": concept["indices"]}))
+        truth = {"concept": name, "influential_indices": concept["indices"]}
+        if concept.get("kind") == "visual":
+          # The caption is shared with common twins: the exemplars are the ground truth only
+          # if the generated image shows their trait (checked after generation, in main).
+          truth.update(trait=concept["trait"], exemplar_indices=concept["indices"])
+        plan.append((f"rare_{name}_{k}", prompt, g.seed + len(plan), truth))
     rng = np.random.default_rng([g.seed, 7])
     for k in range(g.num_common_queries):
       scene = tiny_world.sample_scene(rng)
@@ -65,10 +69,53 @@ def query_plan(config, workdir: str) -> list[tuple[str, str, int, dict]]:
   return plan
 
 
+def _with_trait_check(truth: dict, image: np.ndarray) -> dict:
+  """A visual-style query's ground truth: the exemplars only if the image shows the trait."""
+  from attrib_jax.data import tiny_world_detector  # pylint: disable=g-import-not-at-top
+  score = tiny_world_detector.trait_score(image, truth["trait"])
+  seen = score > tiny_world_detector.TRAIT_THRESHOLD
+  return dict(truth, trait_score=round(score, 4), trait_detected=bool(seen),
+              influential_indices=truth["exemplar_indices"] if seen else [])
+
+
+def validate_trait_detector(config, workdir: str) -> dict | None:
+  """For a visual-style tiny world: the trait detector on the real dataset images first.
+
+  Exemplars against every other item with their captions; written to
+  workdir/queries/trait_detector.json. None for other worlds.
+  """
+  if config.world.kind != "tiny_world" or config.world.get("rare_style") != "visual":
+    return None
+  from attrib_jax import parallel  # pylint: disable=g-import-not-at-top,reimported
+  from attrib_jax.data import tiny_world_detector  # pylint: disable=g-import-not-at-top
+  from attrib_jax.training import recipe  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, "dataset_metadata.json")) as f:
+    rare = json.load(f)["rare_concepts"]
+  source = recipe.open_dataset(config, os.path.join(workdir, "tfds"))
+  wanted = sorted({int(i) for c in rare.values() for i in c["caption_sharing_indices"]})
+  images, _, indices = source.get_items(np.asarray(wanted, np.int64))
+  by_index = dict(zip((int(i) for i in indices), images))
+  result = tiny_world_detector.validate_trait_detector(by_index, rare)
+  per = ", ".join(f"{n} {r['exemplars_seen']}/{r['exemplars']} exemplars, "
+                  f"{r['others_seen']}/{r['others']} twins" for n, r in result["per_trait"].items())
+  common.log(f"generate: trait detector on {result['items']} real dataset images (exemplars "
+             f"and the items sharing their captions): {100 * result['accuracy']:.1f} % correct "
+             f"({per})")
+  if result["accuracy"] < 0.95:
+    raise ValueError(f"the trait detector is {100 * result['accuracy']:.1f} % correct on real "
+                     "images (< 95 %): its reading of the queries would not be trusted")
+  if parallel.is_main_process():
+    os.makedirs(os.path.join(workdir, "queries"), exist_ok=True)
+    with open(os.path.join(workdir, "queries", "trait_detector.json"), "w") as f:
+      json.dump(result, f, indent=1)
+  return result
+
+
 def main(argv):
   del argv
   common.start()
   config, workdir = _CONFIG.value, _WORKDIR.value
+  validate_trait_detector(config, workdir)
   pipe = common.load_trained_pipeline(workdir, config)
   for prompt in list(_PROMPTS.value) + list(config.generate.get("prompts", ())):
     pipe.tokenizer.check_fits(prompt)   # the user's own prompts are never cut (captions are)
@@ -90,12 +137,19 @@ def main(argv):
                                   guidance_scale=g.guidance_scale, eta=g.eta,
                                   batch_size=g.batch_size)
     for (name, _, _, truth), query in zip(plan, queries):
+      if "trait" in truth:
+        truth = _with_trait_check(truth, query.image)
       generation.save_query(os.path.join(root, name), query,
                             dict(truth, model_dir=os.path.abspath(os.path.join(workdir, "model"))))
   done = [generation.load_query(d) for d in generation.list_queries(root)]
   visualize.save_image_grid(os.path.join(root, "overview.png"), np.stack([q.image for q in done]),
                             [q.info["prompt"] for q in done], columns=6, scale=6)
   common.log(f"generate: {len(done)} queries in {root} (overview.png shows them)")
+  traits = [q for q in done if "trait" in q.info]
+  if traits:
+    seen = [q for q in traits if q.info.get("trait_detected")]
+    common.log(f"generate: {len(seen)} of {len(traits)} visual-concept queries show their "
+               "exemplars' trait (only those carry ground truth)")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from attrib_jax.diffusion import NoiseSchedule
 from attrib_jax.models import unet
 
 
-@pytest.mark.parametrize("name, variants", [("tiny", (None, "demo", "smoke")),
+@pytest.mark.parametrize("name, variants", [("tiny", (None, "demo", "smoke", "visual")),
                                             ("tiny_eval", (None, "smoke")),
                                             ("mscoco", (None, "local"))])
 def test_configs_build(name, variants):

@@ -202,6 +202,76 @@ def test_exemplar_concepts_repeat_one_scene():
   assert [named.captions[i] for i in common] == [world.captions[i] for i in common]
 
 
+def _visual_world(**kwargs):
+  settings = dict(seed=3, num_items=120, resolution=32, rare_count=4, patterns=("plain",),
+                  rare_style="visual") | kwargs
+  return tw.generate_world(**settings)
+
+
+def test_visual_concepts_share_their_captions_with_common_twins():
+  world = _visual_world()
+  assert list(world.rare_concepts) == list(tw.VISUAL_TRAITS)
+  for trait, concept in world.rare_concepts.items():
+    exemplars, twins = concept["indices"], concept["twins"]
+    assert concept["kind"] == "visual" and concept["trait"] == trait and concept["word"] is None
+    assert len(exemplars) == 4 and len(twins) == tw.VISUAL_TWINS * 4
+    assert not set(exemplars) & set(twins)
+    # The exemplars' captions are exactly those of >= rare_count common items (the twins).
+    shared = world.captions[exemplars[0]]
+    assert all(world.captions[i] == shared for i in exemplars + twins)
+    assert set(concept["caption_sharing_indices"]) == {
+        i for i, c in enumerate(world.captions) if c == shared}
+    common = [i for i in concept["caption_sharing_indices"] if world.attributes[i]["rare"] is None]
+    assert len(common) >= len(exemplars)
+    assert concept["prompts"] == [shared[0]] * 4
+    assert concept["chance_recall_at_10"] == pytest.approx(
+        min(10, len(concept["caption_sharing_indices"])) / len(concept["caption_sharing_indices"]))
+    # No caption anywhere names the trait, and only the exemplars are drawn with it.
+    assert not any(trait in c for item in world.captions for c in item)
+    assert all(world.attributes[i]["trait"] == trait for i in exemplars)
+    assert all(world.attributes[i]["trait"] is None for i in twins)
+    # Exemplar and twin scenes differ by the trait (and jitter) alone.
+    strip = lambda s: {k: v for k, v in s["objects"][0].items() if k not in ("cx", "cy")}
+    assert all(strip(world.attributes[i]) == strip(world.attributes[exemplars[0]])
+               for i in exemplars + twins)
+  # Its own dataset name (config digest), apart from the other styles'.
+  names = {tw.config(rare_style=s).name for s in tw.RARE_STYLES}
+  assert len(names) == len(tw.RARE_STYLES)
+
+
+def test_visual_world_is_deterministic():
+  a, b = _visual_world(), _visual_world()
+  np.testing.assert_array_equal(a.images, b.images)
+  assert a.captions == b.captions and a.attributes == b.attributes
+  assert a.rare_concepts == b.rare_concepts
+  c = _visual_world(seed=4)
+  assert c.rare_concepts != a.rare_concepts
+  # Common items that are neither exemplars nor twins are those of the "exemplar" style.
+  plain = tw.generate_world(seed=3, num_items=120, resolution=32, rare_count=4,
+                            patterns=("plain",), rare_style="exemplar")
+  special = {i for c in a.rare_concepts.values() for i in c["indices"] + c["twins"]}
+  rest = [i for i in range(120) if i not in special]
+  np.testing.assert_array_equal(a.images[rest], plain.images[rest])
+
+
+def test_trait_detector_on_real_images():
+  world = _visual_world(num_items=200, rare_count=10)
+  result = det.validate_trait_detector(world.images, world.rare_concepts)
+  print(f"trait detector on {result['items']} real images (exemplars vs items with their "
+        f"captions): {100 * result['accuracy']:.1f} % correct")
+  assert result["items"] == 5 * (10 + 20) and result["accuracy"] >= 0.95
+  for trait, concept in world.rare_concepts.items():
+    # Every exemplar scores ~1, every twin ~0; mild noise (a model's samples) keeps the verdict.
+    scores = [det.trait_score(world.images[i], trait) for i in concept["indices"]]
+    assert min(scores) > 0.9
+    rng = np.random.default_rng(0)
+    noisy = lambda im: np.clip(im + rng.normal(0, 12, im.shape), 0, 255).astype(np.uint8)
+    assert all(det.detect_trait(noisy(world.images[i]), trait) for i in concept["indices"])
+    assert not any(det.detect_trait(noisy(world.images[i]), trait) for i in concept["twins"])
+  with pytest.raises(ValueError, match="trait"):
+    tw.trait_mask("halo", 32)
+
+
 def test_only_array_record_is_accepted(tmp_path):
   with pytest.raises(ValueError, match="array_record"):
     tw.TinyWorld(data_dir=str(tmp_path), config=tw.config(**WORLD), file_format="tfrecord")

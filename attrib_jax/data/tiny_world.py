@@ -81,7 +81,25 @@ ALL_SHAPES = SHAPES + ("moon", "star")
 #     scenes that look partly alike (same colour, position or background). Measured on the
 #     tiny default: the copies come out crisp but one-word prompts get mixed up ("galaxy" drew
 #     the moon), so the prompt's ground truth is not what was drawn; hence not the default.
-RARE_STYLES = ("varied", "exemplar", "named")
+#   "visual": planted concepts that text cannot find. Each concept is an exemplar set of one
+#     common scene (common colour, shape, size, position, background) that carries a neutral-grey
+#     visual trait (VISUAL_TRAITS: a frame, a corner square, corner stripes, a bottom bar, corner
+#     dots) and is captioned exactly like VISUAL_TWINS x rare_count common "twin" items showing
+#     the same scene without the trait: the caption is ambiguous, only the image tells the
+#     exemplars apart. The concept's word is never in a caption; the concept is keyed by its trait.
+RARE_STYLES = ("varied", "exemplar", "named", "visual")
+# Visual traits, one per rare-concept slot (the k-th of RARE_CONCEPTS gets the k-th trait), all
+# neutral grey (so the chroma-based object detector ignores them), drawn over the background and
+# under the object, in the grey level that contrasts with the background (TRAIT_LEVELS).
+VISUAL_TRAITS: dict[str, str] = {
+    "frame": "a 2-pixel border around the whole image",
+    "corner-square": "a solid square in the top-left corner",
+    "corner-stripes": "diagonal stripes across the bottom-right corner",
+    "bottom-bar": "a 3-pixel bar along the bottom edge",
+    "corner-dots": "a grid of 2x2 dots in the top-right corner",
+}
+TRAIT_LEVELS = (235, 20)  # the trait's grey over a dark (< 128) or a light background
+VISUAL_TWINS = 2  # common twins per exemplar: chance Recall@10 of caption lookup ~ 1 / (1 + this)
 
 # Geometry, in fractions of the image side. Two-object scenes shrink objects and push them
 # apart so that they never touch.
@@ -190,6 +208,32 @@ def _dark_mask(texture: str, resolution: int) -> np.ndarray:
   raise ValueError(f"unknown texture {texture!r}")
 
 
+def trait_mask(trait: str, resolution: int) -> np.ndarray:
+  """Pixels a visual trait (VISUAL_TRAITS) paints, bool [H, W], anchored to the pixel grid."""
+  t = _texture_scale(resolution)
+  r = resolution
+  y, x = np.mgrid[0:r, 0:r]
+  if trait == "frame":
+    return np.minimum(np.minimum(x, y), np.minimum(r - 1 - x, r - 1 - y)) < round(2 * t)
+  if trait == "corner-square":
+    return (x < round(7 * t)) & (y < round(7 * t))
+  if trait == "corner-stripes":
+    band = x + y - (2 * r - 2 - round(14 * t))
+    return (band >= 0) & ((band // round(2 * t)) % 2 == 0)
+  if trait == "bottom-bar":
+    return y >= r - round(3 * t)
+  if trait == "corner-dots":
+    period = round(4 * t)
+    return ((x >= r - round(10 * t)) & (y < round(10 * t))
+            & ((r - 1 - x) % period < period // 2) & (y % period < period // 2))
+  raise ValueError(f"unknown visual trait {trait!r}")
+
+
+def trait_level(background_level: float) -> int:
+  """The grey a trait is drawn in over a background of this grey level."""
+  return TRAIT_LEVELS[0] if background_level < 128 else TRAIT_LEVELS[1]
+
+
 def _object_colours(obj: dict[str, Any], resolution: int) -> np.ndarray:
   """Per-pixel RGB of an object as if it covered the whole image, float32 [H, W, 3]."""
   if obj["colour"] == "rainbow":
@@ -231,6 +275,9 @@ def _background(scene: dict[str, Any], resolution: int) -> np.ndarray:
 def render_scene(scene: dict[str, Any], resolution: int) -> np.ndarray:
   """Draws a scene (as produced by `generate_world`'s attributes) as uint8 [H, W, 3]."""
   image = _background(scene, resolution)
+  if scene.get("trait"):
+    level = trait_level(BACKGROUNDS[scene["background"]])
+    image = np.where(trait_mask(scene["trait"], resolution)[..., None], np.float32(level), image)
   window = (0, resolution, 0, resolution)
   for obj in scene["objects"]:
     coverage = shape_coverage(obj["shape"], obj["cx"] * resolution, obj["cy"] * resolution,
@@ -382,6 +429,32 @@ def plan_rare_concepts(seed: int, num_items: int, rare_concepts: Sequence[str] =
           for k, name in enumerate(rare_concepts)}
 
 
+def plan_visual_twins(seed: int, num_items: int, plan: dict[str, list[int]]
+                      ) -> dict[str, list[int]]:
+  """The "visual" style's common twins: name -> sorted item indices, disjoint from `plan`.
+
+  Each concept gets VISUAL_TWINS x its exemplar count, as many as fit in the items left.
+  """
+  taken = {i for items in plan.values() for i in items}
+  free = np.array([i for i in range(num_items) if i not in taken], np.int64)
+  rng = np.random.default_rng([seed, 4])
+  order = free[rng.permutation(free.size)] if free.size else free
+  out, start = {}, 0
+  for name, items in plan.items():
+    count = min(VISUAL_TWINS * len(items), max(0, order.size - start))
+    out[name] = sorted(int(i) for i in order[start:start + count])
+    start += count
+  return out
+
+
+def _twins_of(seed: int, num_items: int, plan: dict[str, list[int]],
+              rare_style: str) -> dict[int, str]:
+  if rare_style != "visual":
+    return {}
+  return {i: name for name, items in plan_visual_twins(seed, num_items, plan).items()
+          for i in items}
+
+
 def iter_world(seed: int = 0, num_items: int = 2000, resolution: int = 32, *,
                rare_concepts: Sequence[str] = tuple(RARE_CONCEPTS), rare_count: int = 5,
                two_object_fraction: float = 0.0, patterns: Sequence[str] = PATTERNS,
@@ -394,20 +467,27 @@ def iter_world(seed: int = 0, num_items: int = 2000, resolution: int = 32, *,
   """
   _check_settings(num_items, resolution, rare_concepts, rare_count, two_object_fraction,
                   patterns, rare_style)
-  rare_of = {i: name for name, items in plan_rare_concepts(
-      seed, num_items, rare_concepts, rare_count).items() for i in items}
+  plan = plan_rare_concepts(seed, num_items, rare_concepts, rare_count)
+  rare_of = {i: name for name, items in plan.items() for i in items}
+  twin_of = _twins_of(seed, num_items, plan, rare_style)
   for index in range(num_items):
     scene = _item_scene(seed, index, rare_of.get(index), two_object_fraction, patterns,
-                        rare_style)
+                        rare_style, twin_of.get(index))
     yield index, render_scene(scene, resolution), caption_scene(scene), scene
 
 
 def _item_scene(seed: int, index: int, rare: str | None,
                 two_object_fraction: float,
                 patterns: Sequence[str] = PATTERNS,
-                rare_style: str = "varied") -> dict[str, Any]:
-  """The scene of item `index`, from its own random stream."""
+                rare_style: str = "varied", twin: str | None = None) -> dict[str, Any]:
+  """The scene of item `index`, from its own random stream.
+
+  `twin`: in the "visual" style, the concept whose scene this common item shows without its
+  trait (same caption as the exemplars).
+  """
   rng = np.random.default_rng([seed, 1, index])
+  if rare_style == "visual" and (rare is not None or twin is not None):
+    return _visual_scene(seed, rare or twin, rng, with_trait=rare is not None)
   if rare is not None and rare_style in ("exemplar", "named"):
     return _exemplar_scene(seed, rare, rng) | {"named": rare_style == "named"}
   two_objects = bool(rng.random() < two_object_fraction) and rare is None
@@ -434,6 +514,62 @@ def _exemplar_scene(seed: int, rare: str, item_rng: np.random.Generator) -> dict
   return scene
 
 
+def _visual_scene(seed: int, concept: str, item_rng: np.random.Generator,
+                  with_trait: bool) -> dict[str, Any]:
+  """The "visual" style's shared common scene of a concept, moved by this item's jitter.
+
+  Exemplars (`with_trait`) carry the concept's trait; twins do not. Either way the scene's
+  attributes, hence its captions, are the same: the `rare` field stays None for twins.
+  """
+  k = list(RARE_CONCEPTS).index(concept)
+  shared = np.random.default_rng([seed, 5, k])
+  scene = sample_scene(shared, patterns=("plain",))
+  obj = scene["objects"][0]
+  obj["texture"] = "plain"
+  dx, dy = _OFFSETS[obj["position"]]
+  jitter = item_rng.uniform(-_JITTER, _JITTER, size=2)
+  obj["cx"] = round(0.5 + dx * _SINGLE_OFFSET + float(jitter[0]), 4)
+  obj["cy"] = round(0.5 + dy * _SINGLE_OFFSET + float(jitter[1]), 4)
+  scene["rare"] = concept if with_trait else None
+  scene["trait"] = list(VISUAL_TRAITS)[k] if with_trait else None
+  scene["twin_of"] = None if with_trait else concept
+  return scene
+
+
+def _describe_visual(seed: int, num_items: int, plan: dict[str, list[int]],
+                     two_object_fraction: float, patterns: Sequence[str]
+                     ) -> dict[str, dict[str, Any]]:
+  """describe_rare_concepts for the "visual" style: keyed by trait, with the caption's sharers."""
+  twins = plan_visual_twins(seed, num_items, plan)
+  rare_of = {i: name for name, items in plan.items() for i in items}
+  twin_of = {i: name for name, items in twins.items() for i in items}
+  captions = [caption_scene(_item_scene(seed, i, rare_of.get(i), two_object_fraction, patterns,
+                                        "visual", twin_of.get(i))) for i in range(num_items)]
+  out = {}
+  for name, indices in plan.items():
+    trait = list(VISUAL_TRAITS)[list(RARE_CONCEPTS).index(name)]
+    shared = captions[indices[0]] if indices else []
+    sharing = [i for i, c in enumerate(captions) if c == shared]
+    out[trait] = {
+        "kind": "visual",
+        "word": None,           # no caption names it
+        "trait": trait,
+        "description": VISUAL_TRAITS[trait],
+        "style": "visual",
+        "slot": name,
+        "indices": indices,
+        "prompts": [shared[0]] * len(indices) if indices else [],
+        "unseen_prompt": shared[0] if indices else "",
+        "twins": twins[name],
+        # Every item whose captions equal the exemplars' (exemplars, twins and any common item
+        # that happens to match): a caption-only method cannot order these.
+        "caption_sharing_indices": sharing,
+        # Expected Recall@10 of a ranking that puts the sharers first in random order.
+        "chance_recall_at_10": (min(10, len(sharing)) / len(sharing) if sharing else 0.0),
+    }
+  return out
+
+
 def describe_rare_concepts(seed: int, num_items: int, rare_concepts: Sequence[str] = tuple(
     RARE_CONCEPTS), rare_count: int = 5, two_object_fraction: float = 0.0,
                            patterns: Sequence[str] = PATTERNS,
@@ -445,6 +581,8 @@ def describe_rare_concepts(seed: int, num_items: int, rare_concepts: Sequence[st
   a combination of attributes that none of its items has: a test of generalisation).
   """
   plan = plan_rare_concepts(seed, num_items, rare_concepts, rare_count)
+  if rare_style == "visual":
+    return _describe_visual(seed, num_items, plan, two_object_fraction, patterns)
   out = {}
   for k, (name, indices) in enumerate(plan.items()):
     prompts = [caption_scene(_item_scene(seed, i, name, two_object_fraction, patterns,
@@ -576,6 +714,8 @@ class TinyWorld(_common.ArrayRecordBuilder):
   The ground truth (settings and rare concepts) is in `builder.info.metadata`, written by TFDS
   as `metadata.json` in the dataset directory.
   """
+  # rare_style="visual" (traits, caption twins) came in 1.1.0's time: its own config digest
+  # (rare_style is digested when not "varied") keeps it apart; the other styles are unchanged.
   VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES = {"1.0.0": "First release.",
                    "1.1.0": "Larger objects (radii 0.24 / 0.32, offset 0.17); rare_style."}

@@ -211,3 +211,66 @@ def evaluate_detector(images: np.ndarray, attributes: Sequence[dict[str, Any]]
     correct["all"] += all(right.values())
     correct["count"] += len(found) == len(scene["objects"])
   return {key: value / len(attributes) for key, value in correct.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Visual traits (tiny_world.VISUAL_TRAITS, the "visual" rare style): neutral-grey marks that no
+# caption names. A trait is seen when the pixels it paints are near the contrasting grey it is
+# drawn in and the pixels around them are not.
+
+TRAIT_THRESHOLD = 0.5  # score midway between no trait (0) and the trait as rendered (1)
+
+
+def trait_score(image: np.ndarray, trait: str) -> float:
+  """How strongly a uint8 [H, W, 3] image shows a visual trait: ~1 when drawn, ~0 when absent.
+
+  The background grey is the median of the neutral pixels away from the trait; each neutral
+  pixel's grey g is read as t = (g - background) / (trait grey - background), and the score is
+  the mean t over the trait's pixels minus the mean t over the pixels around them (a blur or a
+  uniformly lighter image does not count). Chromatic (object) pixels are left out.
+  """
+  image = np.asarray(image, np.float32)
+  if image.ndim != 3 or image.shape[-1] != 3 or image.shape[0] != image.shape[1]:
+    raise ValueError(f"expected a square [H, W, 3] image, got shape {image.shape}")
+  resolution = image.shape[0]
+  on = tw.trait_mask(trait, resolution)
+  near = ndimage.binary_dilation(on, iterations=max(2, round(2 * resolution / 32)))
+  off = near & ~on
+  neutral = image.max(-1) - image.min(-1) <= CHROMA_THRESHOLD
+  grey = image.mean(-1)
+  rest = neutral & ~near
+  background = float(np.median(grey[rest])) if rest.any() else float(np.median(grey))
+  level = tw.trait_level(background)
+  t = np.clip((grey - background) / (level - background), -0.5, 1.5)
+  on_pixels, off_pixels = t[on & neutral], t[off & neutral]
+  if on_pixels.size == 0:
+    return 0.0
+  return float(on_pixels.mean() - (off_pixels.mean() if off_pixels.size else 0.0))
+
+
+def detect_trait(image: np.ndarray, trait: str) -> bool:
+  """Whether an image shows a visual trait (trait_score above TRAIT_THRESHOLD)."""
+  return trait_score(image, trait) > TRAIT_THRESHOLD
+
+
+def validate_trait_detector(images: np.ndarray, rare_concepts: dict[str, dict[str, Any]]
+                            ) -> dict[str, Any]:
+  """The trait detector on real dataset images of a "visual"-style world.
+
+  For each concept: its exemplars (the trait must be seen) against every other item sharing
+  their captions (it must not be). Returns per-trait and overall accuracy and the counts.
+  """
+  per_trait, right, total = {}, 0, 0
+  for name, concept in rare_concepts.items():
+    trait = concept["trait"]
+    exemplars = [int(i) for i in concept["indices"]]
+    others = [int(i) for i in concept["caption_sharing_indices"] if int(i) not in exemplars]
+    hits = sum(detect_trait(images[i], trait) for i in exemplars)
+    false = sum(detect_trait(images[i], trait) for i in others)
+    ok = hits + len(others) - false
+    per_trait[name] = {"exemplars_seen": hits, "exemplars": len(exemplars),
+                       "others_seen": false, "others": len(others),
+                       "accuracy": ok / max(1, len(exemplars) + len(others))}
+    right += ok
+    total += len(exemplars) + len(others)
+  return {"accuracy": right / max(1, total), "items": total, "per_trait": per_trait}
