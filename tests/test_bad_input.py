@@ -397,3 +397,9 @@ def test_train_refuses_a_finished_workdir_of_another_config(tmp_path, monkeypatc
   monkeypatch.setattr(recipe, "prepare", lambda *a, **k: pytest.fail("reached prepare"))
   with pytest.raises(ValueError, match=r"other settings.*train.num_steps"):
     recipe.run(_parse("--config.train.num_steps=4"), workdir)
+  # The finished model's fingerprint covers every train key: the refusal names even those that
+  # only change the reporting, and an exclusion.
+  with pytest.raises(ValueError, match=r"other settings \(train.log_every differ"):
+    recipe.run(_parse("--config.train.log_every=1"), workdir)
+  with pytest.raises(ValueError, match=r"other settings \(excluded differ"):
+    recipe.run(_parse(), workdir, excluded=(3,))

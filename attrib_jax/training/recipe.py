@@ -62,11 +62,13 @@ TRAIN_KEYS = REPORTING_TRAIN_KEYS | frozenset({
     "num_devices"})
 
 
-def trained_with_differences(config: ml_collections.ConfigDict, done: dict) -> list[str]:
+def trained_with_differences(config: ml_collections.ConfigDict, done: dict, *,
+                             include_reporting: bool = False) -> list[str]:
   """The settings (dotted keys, sorted) in which `config`'s recipe differs from the one a
   finished model was trained with (`done`: its DONE.json). Blocks that cannot change the
   weights (NOT_TRAINING_KEYS) and REPORTING_TRAIN_KEYS are left out; tuples and lists compare
-  equal (DONE.json stores JSON)."""
+  equal (DONE.json stores JSON). `include_reporting`: also those keys (the scope of the
+  fingerprint `run` compares)."""
   def flat(tree, prefix=()):
     if not isinstance(tree, dict):
       return {prefix: tree}
@@ -76,7 +78,7 @@ def trained_with_differences(config: ml_collections.ConfigDict, done: dict) -> l
     tree = json.loads(json.dumps(tree, default=str))
     return {p: v for p, v in flat({k: v for k, v in tree.items()
                                    if k not in NOT_TRAINING_KEYS}).items()
-            if not (p[0] == "train" and p[-1] in REPORTING_TRAIN_KEYS)}
+            if include_reporting or not (p[0] == "train" and p[-1] in REPORTING_TRAIN_KEYS)}
 
   ours, theirs = recipe_of(config.to_dict()), recipe_of(done["settings"]["config"])
   return sorted(".".join(p) for p in set(ours) | set(theirs) if ours.get(p) != theirs.get(p))
@@ -312,7 +314,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, excluded=(), log=pri
     if done["fingerprint"] == fingerprint(trained_with):
       log(f"train: reusing the trained model in {model_dir}")
       return model_dir
-    differ = trained_with_differences(config, done) or ["excluded items or dataset version"]
+    differ = trained_with_differences(config, done, include_reporting=True)
+    if done["settings"].get("excluded") != settings["excluded"]:
+      differ.append("excluded")
+    differ = differ or ["the dataset version"]   # the one part DONE.json does not spell out
     raise ValueError(f"{model_dir} holds a model trained with other settings ({', '.join(differ)}"
                      " differ); use another --workdir (or delete it)")
   _claim_run(config, os.path.join(workdir, "train"), trained_with, settings)
