@@ -126,11 +126,27 @@ def same_on_every_process(tree: Any) -> Any:
                                       for r, x in zip(sent, leaves)])
 
 
-def barrier(name: str) -> None:
+_barriers_passed = 0
+
+
+def barrier(name: str, timeout_s: float | None = None) -> None:
   """Waits until every process reaches `name` (e.g. after process 0 wrote a file the others
-  read next). A no-op on one process."""
-  if jax.process_count() > 1:
+  read next). A no-op on one process.
+
+  `timeout_s` (for waits on long host work, e.g. process 0 building a dataset): the wait is the
+  coordination service's barrier with that deadline, not a device collective (whose transport
+  may give up sooner). Every process must pass the same barriers in the same order.
+  """
+  global _barriers_passed
+  if jax.process_count() == 1:
+    return
+  if timeout_s is None:
     multihost_utils.sync_global_devices(name)
+    return
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  _barriers_passed += 1   # a barrier id is used once: `name` may be met again (e.g. per seed)
+  distributed.global_state.client.wait_at_barrier(f"{name}#{_barriers_passed}",
+                                                  int(timeout_s * 1000))
 
 
 def to_host(tree: Any) -> Any:

@@ -78,7 +78,10 @@ def main(argv):
     image = np.asarray(Image.open(_IMAGE.value).convert("RGB"))
     name = os.path.splitext(os.path.basename(_IMAGE.value))[0]
     query_dirs = [os.path.join(workdir, "queries_from_images", name)]
-    generation.save_query(query_dirs[0], generation.query_from_image(pipe, image, _PROMPT.value))
+    query = generation.query_from_image(pipe, image, _PROMPT.value)
+    if parallel.is_main_process():
+      generation.save_query(query_dirs[0], query)
+    parallel.barrier("attribute: query saved")
   if not query_dirs:
     query_dirs = generation.list_queries(os.path.join(workdir, "queries"))
   if not query_dirs:

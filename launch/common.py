@@ -8,8 +8,16 @@ from absl import logging
 from attrib_jax import console
 from attrib_jax.models import pipeline
 
-_MULTIHOST = flags.DEFINE_bool("multihost", False,
-                               "Call jax.distributed.initialize() first (TPU pods, Slurm, MPI).")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Call jax.distributed.initialize() first: with no other flag it "
+    "detects the cluster (TPU pods, Slurm, Open MPI); elsewhere (e.g. processes on one "
+    "machine) pass --coordinator_address, --num_processes and --process_id.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "--multihost: host:port of process 0's coordinator.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "--multihost: how many processes take part.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "--multihost: this process's index (0 writes the files).")
 
 
 def start() -> None:
@@ -17,9 +25,16 @@ def start() -> None:
   is dropped (attrib_jax.console), so the console holds the launchers' own lines."""
   logging.set_verbosity(logging.WARNING)
   console.quiet()
+  explicit = {"coordinator_address": _COORDINATOR.value, "num_processes": _NUM_PROCESSES.value,
+              "process_id": _PROCESS_ID.value}
+  given = {k: v for k, v in explicit.items() if v is not None}
+  if given and not _MULTIHOST.value:
+    raise ValueError(f"--{', --'.join(given)} without --multihost: pass --multihost as well")
   if _MULTIHOST.value:
     import jax  # pylint: disable=g-import-not-at-top
-    jax.distributed.initialize()
+    jax.distributed.initialize(**given)   # none given: auto-detected (TPU, Slurm, MPI)
+    log(f"multihost: process {jax.process_index()} of {jax.process_count()}, "
+        f"{jax.local_device_count()} local device(s) of {jax.device_count()}")
 
 
 def log(message: str) -> None:

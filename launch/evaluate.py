@@ -160,6 +160,14 @@ def main(argv):
   caches = {}
   workers = (retrain_pool.default_num_workers() if settings.retrain_workers < 0
              else settings.retrain_workers)
+  if jax.process_count() > 1:
+    # Several processes: each retraining is recipe.run on the global mesh (every process
+    # trains it together, process 0 writes it); pools of one-process workers would train each
+    # model once per process, into the same directories.
+    if getattr(settings, "retrain_group_size", 0):
+      raise ValueError("evaluation.retrain_group_size: grouped retraining runs in one process;"
+                       " set it to 0 under --multihost")
+    workers = 0
 
   def make_cache(seed):
     seed = config.seed if seed is None else int(seed)

@@ -17,6 +17,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from attrib_jax import generation
+from attrib_jax import parallel
 from attrib_jax import visualize
 from launch import common
 
@@ -131,7 +132,8 @@ def main(argv):
     raise ValueError("generate: no queries to make: pass --prompt=... or set "
                      "config.generate.prompts / num_caption_queries")
   common.log(f"generate: {len(plan)} queries to make with {g.sampler}, {g.num_steps} steps")
-  if plan:
+  # Several processes: process 0 generates (on its own devices) and writes; the others wait.
+  if plan and parallel.is_main_process():
     queries = generation.generate(pipe, [p for _, p, _, _ in plan], [s for _, _, s, _ in plan],
                                   sampler=g.sampler, num_steps=g.num_steps,
                                   guidance_scale=g.guidance_scale, eta=g.eta,
@@ -141,9 +143,12 @@ def main(argv):
         truth = _with_trait_check(truth, query.image)
       generation.save_query(os.path.join(root, name), query,
                             dict(truth, model_dir=os.path.abspath(os.path.join(workdir, "model"))))
+  parallel.barrier("generate: queries written", timeout_s=24 * 3600)
   done = [generation.load_query(d) for d in generation.list_queries(root)]
-  visualize.save_image_grid(os.path.join(root, "overview.png"), np.stack([q.image for q in done]),
-                            [q.info["prompt"] for q in done], columns=6, scale=6)
+  if parallel.is_main_process():
+    visualize.save_image_grid(os.path.join(root, "overview.png"),
+                              np.stack([q.image for q in done]),
+                              [q.info["prompt"] for q in done], columns=6, scale=6)
   common.log(f"generate: {len(done)} queries in {root} (overview.png shows them)")
   traits = [q for q in done if "trait" in q.info]
   if traits:

@@ -13,6 +13,8 @@ Everything lands under `out_dir` and is reused when present with the same finger
   <query>/result.npz|json        scores, ranking, settings, model fingerprint (atomic)
   <query>/topk.png               the query beside its top-k with scores
   report.html, summary.json      every query, and recall of the ground truth where known
+Several processes (jax.distributed): every process computes, process 0 alone writes these
+files (and the partial checkpoints), and the others wait at a barrier before reading one.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import numpy as np
 
 from attrib_jax import generation
 from attrib_jax import io_utils
+from attrib_jax import parallel
 from attrib_jax.attribution import ekfac as ekfac_lib
 from attrib_jax.attribution import fisher as fisher_lib
 from attrib_jax.attribution import region as region_lib
@@ -143,6 +146,14 @@ class AbU:
     None. A file of other settings is set aside as <name>.<its fingerprint>.npz rather than
     lost (a Fisher can take hours), and one set aside earlier for `expected` comes back."""
     path = os.path.join(self.cache_dir, f"{name}.npz")
+    if not parallel.is_main_process():   # process 0 sets files aside; then read what it left
+      parallel.barrier(f"runner: {name} cache")
+      return path if os.path.exists(path) else None
+    found = self._cached_on_main(name, path, expected)
+    parallel.barrier(f"runner: {name} cache")
+    return found
+
+  def _cached_on_main(self, name: str, path: str, expected: str) -> str | None:
     if os.path.exists(path):
       with io_utils.open_npz(path) as data:
         held = json.loads(str(data["__meta__"]))["fingerprint"]
@@ -174,8 +185,10 @@ class AbU:
             self.apply_fn, self.params, self.arrays, self.schedule,
             settings=self.settings.fisher, mesh=self.mesh, checkpoint_path=partial,
             progress=self._progress)
-        fisher_lib.save_fisher(path, self._fisher)
-        os.remove(partial)
+        if parallel.is_main_process():
+          fisher_lib.save_fisher(path, self._fisher)
+          os.remove(partial)
+        parallel.barrier("runner: fisher saved")
         self.log(f"fisher: {self._fisher.num_examples} examples in {time.time() - t0:.0f}s")
     return self._fisher
 
@@ -196,10 +209,12 @@ class AbU:
         self._ekfac = ekfac_lib.compute_ekfac(self.apply_fn, self.params, self.arrays,
                                               self.schedule, settings=settings, mesh=self.mesh,
                                               progress=self._progress, checkpoint_path=partial)
-        ekfac_lib.save_ekfac(path, self._ekfac)
-        for leftover in ekfac_lib.checkpoint_files(partial).values():
-          if os.path.exists(leftover):
-            os.remove(leftover)
+        if parallel.is_main_process():
+          ekfac_lib.save_ekfac(path, self._ekfac)
+          for leftover in ekfac_lib.checkpoint_files(partial).values():
+            if os.path.exists(leftover):
+              os.remove(leftover)
+        parallel.barrier("runner: ekfac saved")
         self.log(f"ekfac: {self._ekfac.num_examples} examples in {time.time() - t0:.0f}s")
     return self._ekfac
 
@@ -225,11 +240,14 @@ class AbU:
     if self._pre is None:
       path = os.path.join(self.cache_dir, "pre_losses.npz")
       key = sweep_lib.cache_key(self.model_fingerprint, self.settings.sweep, self.schedule)
-      if os.path.exists(path) and sweep_lib.cached_key(path) != key:
+      stale = os.path.exists(path) and sweep_lib.cached_key(path) != key
+      parallel.barrier("runner: pre losses checked")   # all have read it before it goes
+      if stale:
         # Other sweep settings (e.g. timesteps) or another model: these losses cannot serve.
         self.log(f"pre losses: {path} holds other settings; recomputing")
-        os.remove(path)
-      if not os.path.exists(path):
+        if parallel.is_main_process():
+          os.remove(path)
+      if stale or not os.path.exists(path):
         # Named by the key: a partial pass of other settings is never taken for this one.
         partial = os.path.join(self.cache_dir, f"pre_partial_{key[:16]}.npz")
         t0 = time.time()
@@ -237,9 +255,11 @@ class AbU:
             self.apply_fn, self.params, self.arrays, self.schedule,
             settings=self.settings.sweep, mesh=self.mesh, progress=self._progress,
             checkpoint_path=partial)
-        sweep_lib.save_pre_cache(path, key, result)
-        if os.path.exists(partial):
-          os.remove(partial)
+        if parallel.is_main_process():
+          sweep_lib.save_pre_cache(path, key, result)
+          if os.path.exists(partial):
+            os.remove(partial)
+        parallel.barrier("runner: pre losses saved")
         self.log(f"pre losses: {len(self.index)} items in {time.time() - t0:.0f}s")
       self._pre = sweep_lib.load_pre_cache(path, key, self.index)
     return self._pre
@@ -299,10 +319,12 @@ class AbU:
     settings = {"abu": dataclasses.asdict(self.settings), "query": query.info,
                 "query_digest": digest,
                 "region": region_meta, "seconds": {"unlearn": t1 - t0, "sweep": t2 - t1}}
-    scores_lib.save_result(path, image_scores, ranking, settings, self.model_fingerprint,
-                           index=result.index, tau_per_flip=result.delta, pre=result.pre)
-    if os.path.exists(partial):
-      os.remove(partial)
+    if parallel.is_main_process():
+      scores_lib.save_result(path, image_scores, ranking, settings, self.model_fingerprint,
+                             index=result.index, tau_per_flip=result.delta, pre=result.pre)
+      if os.path.exists(partial):
+        os.remove(partial)
+    parallel.barrier(f"runner: {name} result saved")
     self.log(f"{name}: unlearn {t1 - t0:.1f}s, sweep {t2 - t1:.1f}s, top-5 {ranking[:5].tolist()}")
     return scores_lib.load_result(path, expected_fingerprint=self.model_fingerprint)
 
@@ -337,8 +359,9 @@ def attribute_queries(abu: AbU, query_dirs: Sequence[str],
     top = ranking[:top_k]
     picture = os.path.join(abu.out_dir, name, "topk.png")
     truth = query.info.get("influential_indices")
-    report.save_topk_picture(picture, shown, get_images(top), top,
-                             [score_of[int(i)] for i in top], truth)
+    if parallel.is_main_process():
+      report.save_topk_picture(picture, shown, get_images(top), top,
+                               [score_of[int(i)] for i in top], truth)
     entry = {"name": name, "prompt": query.info.get("prompt"), "picture": picture,
              "top": top.tolist(), "seconds": result["meta"]["settings"]["seconds"]}
     # Every method's top-k goes on the report side by side; recall where truth is known.
@@ -353,9 +376,11 @@ def attribute_queries(abu: AbU, query_dirs: Sequence[str],
     query_images[name] = shown.image
   summary = report.summarise(entries)
   suffix = "" if region is None else f".{region.key}"   # a region's report beside the whole's
-  report.write_report(os.path.join(abu.out_dir, f"report{suffix}.html"), entries, summary,
-                      get_images=get_images, query_images=query_images)
-  scores_lib.atomic_write_json(os.path.join(abu.out_dir, f"summary{suffix}.json"),
-                               {"queries": entries, "summary": summary, "region": (
-                                   None if region is None else region.as_list())})
+  if parallel.is_main_process():
+    report.write_report(os.path.join(abu.out_dir, f"report{suffix}.html"), entries, summary,
+                        get_images=get_images, query_images=query_images)
+    scores_lib.atomic_write_json(os.path.join(abu.out_dir, f"summary{suffix}.json"),
+                                 {"queries": entries, "summary": summary, "region": (
+                                     None if region is None else region.as_list())})
+  parallel.barrier("runner: report written")
   return summary

@@ -112,7 +112,8 @@ def _claim_run(config: ml_collections.ConfigDict, train_dir: str, trained_with: 
   if os.path.isdir(checkpoints) and os.listdir(checkpoints):
     raise ValueError(f"{checkpoints} holds checkpoints with no record of their settings "
                      f"({path} missing): they cannot be resumed safely; delete {train_dir}")
-  io_utils.atomic_write_json(path, record, sort_keys=False)
+  if parallel.is_main_process():   # the others checked the same record above (read-only)
+    io_utils.atomic_write_json(path, record, sort_keys=False)
 
 
 def _builder_class(kind: str):
@@ -257,8 +258,27 @@ def _encoders(config, model_dir: str):
   return encode_images, encode_text
 
 
+# How long the other processes wait for process 0 to build the dataset and precompute
+# (hours at MSCOCO scale); a coordination-service barrier, not a device collective.
+PREPARE_BARRIER_S = 48 * 3600
+
+
 def prepare(config: ml_collections.ConfigDict, workdir: str, log=print):
-  """Dataset, text side and precomputed arrays; returns (source, arrays, model_dir)."""
+  """Dataset, text side and precomputed arrays; returns (source, arrays, model_dir).
+
+  Several processes (jax.distributed): process 0 builds and writes everything, the others wait
+  at a barrier and then open what it wrote (the workdir must be a shared filesystem)."""
+  if parallel.is_main_process():
+    built = _build_prepared(config, workdir, log)
+  parallel.barrier("recipe.prepare", timeout_s=PREPARE_BARRIER_S)
+  if parallel.is_main_process():
+    return built
+  return (open_dataset(config, os.path.join(workdir, "tfds")),
+          precompute.load(os.path.join(workdir, "precomputed")), os.path.join(workdir, "model"))
+
+
+def _build_prepared(config: ml_collections.ConfigDict, workdir: str, log=print):
+  """`prepare`'s work, on process 0 only: it writes the dataset, model side and arrays."""
   model_dir = os.path.join(workdir, "model")
   source = open_dataset(config, os.path.join(workdir, "tfds"))
   # text_encoder/config.json is written last of the text side (save_component writes the
@@ -337,7 +357,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, excluded=(), log=pri
   schedule = pipeline_lib.schedules.NoiseSchedule.from_config(config.scheduler.to_dict())
   sample_fn = None
   if t.sample_every:
-    sample_fn = _grid_writer(config, model_dir, arrays, apply_fn, schedule, workdir)
+    sample_fn = _grid_writer(config, model_dir, arrays, apply_fn, schedule, workdir, mesh)
   state = loop.train(
       arrays=arrays, apply_fn=apply_fn, init_params=init_params, schedule=schedule,
       workdir=os.path.join(workdir, "train"), settings=loop.TrainSettings.from_config(config),
@@ -346,17 +366,23 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, excluded=(), log=pri
       model_key=json.dumps({"unet": unet_config, "scheduler": config.scheduler.to_dict()},
                            sort_keys=True, default=str))
   params = state.ema_params if state.ema_params is not None else state.params
-  pipeline_lib.save_unet(os.path.join(model_dir, "unet"), jax.device_get(params), unet_config)
-  io_utils.atomic_write_json(done_path, {"fingerprint": fingerprint(trained_with),
-                                         "settings": settings}, sort_keys=False)
+  params = parallel.to_host(params)   # replicated: every process holds the same weights
+  if parallel.is_main_process():
+    pipeline_lib.save_unet(os.path.join(model_dir, "unet"), params, unet_config)
+    io_utils.atomic_write_json(done_path, {"fingerprint": fingerprint(trained_with),
+                                           "settings": settings}, sort_keys=False)
+  parallel.barrier("recipe.run: model written")   # the others may read it next
   log(f"train: model written to {model_dir}")
   return model_dir
 
 
-def _grid_writer(config, model_dir, arrays, apply_fn, schedule, workdir):
-  """A sample grid of fixed prompts (the first caption of the first 8 items) as PNG."""
-  text_states = jnp.asarray(arrays["text_states"][:8, 0], jnp.float32)
-  null = jnp.asarray(arrays["null_text_states"], jnp.float32)[None]
+def _grid_writer(config, model_dir, arrays, apply_fn, schedule, workdir, mesh):
+  """A sample grid of fixed prompts (the first caption of the first 8 items) as PNG.
+
+  Sampled on the training mesh, replicated like the parameters (every process runs it: with
+  several, the parameters are global arrays); written by process 0."""
+  text_states = parallel.replicate(np.asarray(arrays["text_states"][:8, 0], np.float32), mesh)
+  null = parallel.replicate(np.asarray(arrays["null_text_states"], np.float32)[None], mesh)
   shape = tuple(arrays["latents"].shape[2:])
   g = config.generate
 
@@ -368,7 +394,8 @@ def _grid_writer(config, model_dir, arrays, apply_fn, schedule, workdir):
     if os.path.isdir(os.path.join(model_dir, "vae")):
       return  # latent space: decoding needs the VAE, which training does not load
     pixels = pipeline_lib.depth_to_space(latents, pipeline_lib.read_pixel_patch(model_dir))
-    images = np.asarray(jnp.clip(jnp.round((pixels + 1) * 127.5), 0, 255)).astype(np.uint8)
-    save_image_grid(os.path.join(workdir, "train", f"samples_{step:06d}.png"), images)
+    images = parallel.to_host(jnp.clip(jnp.round((pixels + 1) * 127.5), 0, 255)).astype(np.uint8)
+    if parallel.is_main_process():
+      save_image_grid(os.path.join(workdir, "train", f"samples_{step:06d}.png"), images)
 
   return write
