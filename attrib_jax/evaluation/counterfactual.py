@@ -51,6 +51,7 @@ import ml_collections
 import numpy as np
 
 from attrib_jax import generation
+from attrib_jax import parallel
 from attrib_jax.attribution import scores as scores_lib
 from attrib_jax.baselines import random as random_lib
 from attrib_jax.diffusion import loss as loss_lib
@@ -582,7 +583,9 @@ class ResultStore:
     return row if row.get("fingerprint") == fingerprint and row.get("cell") == cell_id else None
 
   def put(self, row: dict) -> None:
-    scores_lib.atomic_write_json(self.path(row["cell"]), row)
+    """Process 0 writes (every process computed the same row)."""
+    if parallel.is_main_process():
+      scores_lib.atomic_write_json(self.path(row["cell"]), row)
 
 
 def cell_fingerprint(base_fingerprint: str, recipe_fp: str, loss: LossSettings,

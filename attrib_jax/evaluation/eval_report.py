@@ -32,6 +32,7 @@ import numpy as np
 
 from attrib_jax import generation
 from attrib_jax import io_utils
+from attrib_jax import parallel
 from attrib_jax.attribution import report as report_lib
 from attrib_jax.attribution import scores as scores_lib
 from attrib_jax.evaluation import counterfactual as cf
@@ -154,8 +155,9 @@ class ScoreStore:
       raise ValueError(f"{method} gave scores {scores.shape} (finite: "
                        f"{np.isfinite(scores).all()}) for {query_name}; expected "
                        f"{self.index.shape}")
-    scores_lib.atomic_savez(path, key=np.asarray(key), scores=scores,
-                            seconds=np.asarray(seconds))
+    if parallel.is_main_process():   # every process computed the same scores
+      scores_lib.atomic_savez(path, key=np.asarray(key), scores=scores,
+                              seconds=np.asarray(seconds))
     self.seconds[method] = self.seconds.get(method, 0.0) + seconds
     return scores
 
@@ -231,6 +233,9 @@ def evaluate(*, out_dir: str, queries: Mapping[str, Query], index: np.ndarray,
   table = build_table(cf.summarize(rows), lds_result["summary"] if lds_result else {},
                       settings.methods, ks, index.size)
   markdown = format_markdown(table)
+  if not parallel.is_main_process():   # the files below are process 0's
+    parallel.barrier("evaluate: report written")
+    return {"table": table, "lds": lds_result, "markdown": markdown}
   _write_jsonl(os.path.join(out_dir, "results.jsonl"), rows)
   write_csv(os.path.join(out_dir, "table.csv"), table)
   _write_text(os.path.join(out_dir, "table.md"), markdown)
@@ -262,6 +267,7 @@ def evaluate(*, out_dir: str, queries: Mapping[str, Query], index: np.ndarray,
           if get_images is not None and ks else "")
   write_html(os.path.join(out_dir, "report.html"), summary, markdown,
              plots=["delta_loss.png"] + (["lds.png"] if lds_result else []), topk_html=topk)
+  parallel.barrier("evaluate: report written")
   log(f"evaluate: {len(rows)} cells, table:\n{markdown}")
   return dict(summary, markdown=markdown)
 
