@@ -193,7 +193,7 @@ def cached_key(path: str) -> str:
 
 def load_pre_cache(path: str, key: str, index: np.ndarray) -> np.ndarray:
   """The cached slot losses [n, F, K, T] of the dataset indices `index` (any subset, order)."""
-  with np.load(path) as data:
+  with io_utils.open_npz(path) as data:
     if str(data["key"]) != key:
       raise ValueError(f"{path} caches pre losses for other settings or another model")
     cached_index, slot_pre = data["index"], data["slot_pre"]
