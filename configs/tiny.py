@@ -133,8 +133,9 @@ def _visual(c: ml_collections.ConfigDict) -> None:
 
   Each concept's 10 exemplars carry a visual trait (tiny_world.VISUAL_TRAITS) and share their
   captions with 20 common twins without it; queries are generated from that shared caption
-  (6 seeds per concept) and count as influenced only when the trait detector sees the trait.
+  (24 seeds per concept: about 1 in 6 shows the trait) and count as influenced only when the
+  trait detector sees the trait.
   """
   c.world.rare_style = "visual"
   c.train.num_steps = 7000
-  c.generate.queries_per_rare_concept = 6
+  c.generate.queries_per_rare_concept = 24
