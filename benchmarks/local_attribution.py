@@ -21,7 +21,7 @@ squared distance of the query's crop to each item's same crop), a baseline that 
 pixels.
 
   .venv/bin/python -m benchmarks.local_attribution --config=configs/tiny.py:demo \
-      --workdir=/work/scratch/demo1 --out=/work/scratch/local_attr --num_scenes=10
+      --workdir=runs/tiny-demo --out=runs/tiny-demo/local_attribution --num_scenes=10
 
 Reuses the workdir's preconditioner cache (workdir/attribution/, as launch.attribute); results
 per scene and region go to --out (rerunning reuses them). Prints a markdown table and writes it

@@ -129,7 +129,7 @@ def _demo(c: ml_collections.ConfigDict) -> None:
 
 
 def _visual(c: ml_collections.ConfigDict) -> None:
-  """Planted concepts that text cannot find (issue 17.2), on the demo's recipe.
+  """Planted concepts that text cannot find, on the demo's recipe.
 
   Each concept's 10 exemplars carry a visual trait (tiny_world.VISUAL_TRAITS) and share their
   captions with 20 common twins without it; queries are generated from that shared caption

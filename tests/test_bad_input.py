@@ -1,7 +1,7 @@
 """Bad input: each case a clear error that names the file, setting or key, and nothing already
 computed is deleted or overwritten by the failed run.
 
-The matrix (issue 20.5) and where each row is tested:
+The bad-input matrix and where each row is tested:
   damaged training checkpoint      here (truncated, emptied, another model's)
   damaged .npz / .npy caches       here (every loader: empty, truncated, one flipped byte),
                                    also Fisher, EK-FAC and sweep checkpoints and query arrays
