@@ -1,7 +1,7 @@
 """Leave-K-out retrainings M at a time in one program (`training.grouped`), for `ModelCache`.
 
 `GroupedRetrainer` has the retrain pool's interface (`train(jobs, on_done)`), so
-`counterfactual.ModelCache.prefetch` hands it the models it needs; each finished model is
+`model_cache.ModelCache.prefetch` hands it the models it needs; each finished model is
 written exactly as `recipe.run` writes one (workdir/model/unet, DONE.json with the same
 fingerprint, the shared data linked), so `recipe_train_fn` later just loads it and everything
 downstream is unchanged. Checkpoints are not written: a group is retrained whole if stopped.
@@ -9,7 +9,7 @@ downstream is unchanged. Checkpoints are not written: a group is retrained whole
 Numerics. A grouped model is the same recipe as a single-model retraining (same batches, same
 random draws, same update), but vmapped kernels sum in their own order, so its last bits
 differ; grouped models are cached under their own fingerprint
-(`counterfactual.recipe_fingerprint(..., group_size=M)`). Every group has exactly M models (a
+(`model_cache.recipe_fingerprint(..., group_size=M)`). Every group has exactly M models (a
 short last group is padded with copies of its last job, whose results are dropped), so every
 model comes out of the same compiled program whatever the number of jobs.
 """
@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from attrib_jax import parallel
-from attrib_jax.evaluation import counterfactual as cf
+from attrib_jax.evaluation import model_cache as cache_lib
 from attrib_jax.models import pipeline as pipeline_lib
 from attrib_jax.models import unet as unet_lib
 from attrib_jax.training import grouped
@@ -47,7 +47,7 @@ class GroupedRetrainer:
   """Trains (excluded set, workdir) jobs with the recipe of `config`, `group_size` at a time.
 
   `config` is the full experiment config and `data_workdir` the run whose dataset and
-  precomputed arrays the retrainings link to (as for `counterfactual.recipe_train_fn`). On
+  precomputed arrays the retrainings link to (as for `model_cache.recipe_train_fn`). On
   several devices the models axis is split over them when `group_size` is a multiple of
   their number; otherwise the group runs on one device.
   """
@@ -57,7 +57,7 @@ class GroupedRetrainer:
     if group_size < 1:
       raise ValueError(f"GroupedRetrainer needs a group of at least one model, got {group_size}")
     self.config, self.data_workdir, self.group_size, self.log = (
-        cf.training_config(config), data_workdir, group_size, log)
+        cache_lib.training_config(config), data_workdir, group_size, log)
     self._program = None
 
   def describe(self, num_models: int) -> str:
@@ -108,9 +108,9 @@ class GroupedRetrainer:
     t = self.config.train
     for g, start in enumerate(range(0, len(jobs), self.group_size)):
       chunk = list(jobs[start:start + self.group_size])
-      t0, jit0 = time.time(), cf.jit_clock().snapshot()
+      t0, jit0 = time.time(), cache_lib.jit_clock().snapshot()
       for excluded, workdir in chunk:
-        cf.link_shared_data(self.data_workdir, workdir)
+        cache_lib.link_shared_data(self.data_workdir, workdir)
         recipe.prepare(self.config, workdir, log=lambda _: None)  # scheduler, model index
       if self._program is None:
         self._program = self._setup(chunk[0][1])
@@ -128,7 +128,7 @@ class GroupedRetrainer:
         state = grouped.model_state(states, m)
         params = state.ema_params if state.ema_params is not None else state.params
         self._write(workdir, excluded, params, p["unet_config"])
-      cost = cf.JitClock.delta(jit0, cf.jit_clock().snapshot())
+      cost = cache_lib.JitClock.delta(jit0, cache_lib.jit_clock().snapshot())
       cost["seconds"] = time.time() - t0
       for m in range(len(chunk)):
         timing = {k: v / len(chunk) for k, v in cost.items()}

@@ -10,10 +10,10 @@ Numerics. A one-core process runs every kernel single-threaded, so a retraining'
 not depend on how many workers there are, which worker took the job, or the machine's core
 count. They do differ in the last bits from a multi-threaded in-process training (and training
 amplifies that), so the pool's models are cached under a recipe fingerprint of their own
-(`counterfactual.recipe_fingerprint(..., one_core=True)`).
+(`model_cache.recipe_fingerprint(..., one_core=True)`).
 
 Workers are started with the "spawn" method (a forked JAX runtime is unsafe) and each trains the
-jobs it is handed through `counterfactual.recipe_train_fn`, reusing its compiled train step
+jobs it is handed through `model_cache.recipe_train_fn`, reusing its compiled train step
 across jobs. A failed job raises here with the worker's error; finished models stay on disk.
 On accelerators there is nothing to gain: `default_num_workers` is 0 there (train in-process).
 """
@@ -74,26 +74,26 @@ def _start_worker(config: ml_collections.ConfigDict, data_workdir: str, keep_che
     jax.config.update("jax_compilation_cache_dir", compilation_cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   from attrib_jax import console  # pylint: disable=g-import-not-at-top
-  from attrib_jax.evaluation import counterfactual as cf  # pylint: disable=g-import-not-at-top
+  from attrib_jax.evaluation import model_cache as cache_lib  # pylint: disable=g-import-not-at-top
   console.quiet()   # a worker is an entry point of its own: the launcher's filters are not here
 
   def log(line: str) -> None:
     print(f"[retrain worker {number}] {line}", file=sys.stderr, flush=True)
 
-  _WORKER.update(number=number, train=cf.recipe_train_fn(
+  _WORKER.update(number=number, train=cache_lib.recipe_train_fn(
       config, data_workdir, keep_checkpoints=keep_checkpoints, log=log))
 
 
 def _train_job(excluded: list[int], workdir: str) -> dict[str, float]:
-  from attrib_jax.evaluation import counterfactual as cf  # pylint: disable=g-import-not-at-top
-  _, timing = cf.timed_train(_WORKER["train"], np.asarray(excluded, np.int64), workdir)
+  from attrib_jax.evaluation import model_cache as cache_lib  # pylint: disable=g-import-not-at-top
+  _, timing = cache_lib.timed_train(_WORKER["train"], np.asarray(excluded, np.int64), workdir)
   return dict(timing, worker=_WORKER["number"])
 
 
 class RetrainPool:
   """Trains (excluded set, workdir) jobs with the recipe of `config` in `num_workers` processes.
 
-  `config` is the full experiment config (as for `counterfactual.recipe_train_fn`) and
+  `config` is the full experiment config (as for `model_cache.recipe_train_fn`) and
   `data_workdir` the run whose dataset and precomputed arrays the retrainings link to.
   """
 
