@@ -125,6 +125,9 @@ def test_an_excluded_item_never_reaches_its_model(model):
       assert any(np.isnan(x).any() for x in leaves), m
 
 
+@pytest.mark.xfail(strict=True, raises=ValueError, reason="known defect: split over a mesh "
+                   "the models differed from one device by 1.44 (relative norm); the mesh "
+                   "path is refused until fixed")
 def test_models_split_over_a_mesh_equal_one_device(model):
   """On 4 (fake) devices the models axis is split over the mesh: 4 models, one per device."""
   sets = [[100 + i, 110 + i] for i in range(4)]
@@ -146,6 +149,9 @@ def _smoke_config():
   return module.get_config("smoke")
 
 
+@pytest.mark.xfail(strict=True, reason="known defect: a grouped model of the smoke recipe "
+                   "differs from recipe.run's by 1.05 (relative norm); the evaluation refuses "
+                   "retrain_group_size > 0 until fixed")
 def test_model_cache_trains_groups_that_recipe_run_reuses(tmp_path):
   """Through `ModelCache.prefetch`: 2 models in a group of 3 (padded), written so that
   `recipe_train_fn` only loads them, each within 1e-5 of the same model trained by recipe.run,

@@ -15,7 +15,6 @@ model comes out of the same compiled program whatever the number of jobs.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Callable, Sequence
@@ -24,7 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from attrib_jax import parallel
+from attrib_jax import io_utils
 from attrib_jax.evaluation import model_cache as cache_lib
 from attrib_jax.models import pipeline as pipeline_lib
 from attrib_jax.models import unet as unet_lib
@@ -79,8 +78,7 @@ class GroupedRetrainer:
                                        num_steps=t.num_steps)
     options = dict(random_flip=t.random_flip, caption_dropout=t.caption_dropout,
                    ema_decay=t.ema_decay, min_snr_gamma=t.get("min_snr_gamma") or None)
-    mesh = parallel.make_mesh(t.num_devices or None)
-    mesh = mesh if mesh.size > 1 and self.group_size % mesh.size == 0 else None
+    mesh = None   # the models axis stays on one device (grouped.make_group_step refuses a mesh)
     step_fn = grouped.make_group_step(apply_fn, schedule, optimizer, mesh=mesh, **options)
     return dict(arrays=arrays, apply_fn=apply_fn, init_params=init_params, schedule=schedule,
                 optimizer=optimizer, options=options, mesh=mesh, step_fn=step_fn,
@@ -91,10 +89,7 @@ class GroupedRetrainer:
     pipeline_lib.save_unet(os.path.join(model_dir, "unet"), params, unet_config)
     record = dict(done_record(self.config, excluded),
                   execution={"grouped": self.group_size})   # provenance only; not read back
-    path = os.path.join(model_dir, "DONE.json")
-    with open(path + ".tmp", "w") as f:
-      json.dump(record, f, indent=2)
-    os.replace(path + ".tmp", path)
+    io_utils.atomic_write_json(os.path.join(model_dir, "DONE.json"), record)
 
   def train(self, jobs: Sequence[tuple[Sequence[int], str]],
             on_done: Callable[[int, dict[str, float]], None] | None = None
