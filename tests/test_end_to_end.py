@@ -39,7 +39,7 @@ def test_smoke_main_job(tmp_path):
   assert "ekfac: " in log and "pre losses:" not in log, log
   summary = json.load(open(os.path.join(workdir, "attribution_plus", "summary.json")))
   assert summary["summary"]["num_queries"] == len(queries) - 1
-  assert set(summary["summary"]["mean_recall@10"]) == {"abu+", "pixel"}
+  assert set(summary["summary"]["mean_recall@10"]) == {"abu+", "pixel", "caption", "caption-words"}
   assert os.path.exists(os.path.join(workdir, "attribution_plus", "report.html"))
   assert os.path.exists(os.path.join(workdir, "attribution", "ekfac.npz"))
   # AbU with the "cached" sweep: its own results and the pre losses, which AbU+ then reuses
