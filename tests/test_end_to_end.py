@@ -49,7 +49,7 @@ def test_smoke_main_job(tmp_path):
   assert "fisher: " in log and "pre losses:" in log, log
   summary = json.load(open(os.path.join(workdir, "attribution", "summary.json")))
   assert summary["summary"]["num_queries"] == len(queries) - 1
-  assert set(summary["summary"]["mean_recall@10"]) == {"abu", "pixel"}
+  assert set(summary["summary"]["mean_recall@10"]) == {"abu", "pixel", "caption", "caption-words"}
   log = _run("launch.attribute", workdir, cached)
   assert "reusing" in log and "pre losses:" not in log, log
   assert "used other AbU settings" in log, log
