@@ -120,6 +120,10 @@ class CLIPTokenizer:
         raise ValueError(f"merge {pair!r} produces {''.join(pair)!r}, which is not in the vocab")
     self.byte_encoder = bytes_to_unicode()
     self.model_max_length = model_max_length
+    # Kept so that `add_tokens` can rebuild this tokenizer with one more token.
+    self._special_tokens = dict(bos_token=bos_token, eos_token=eos_token, unk_token=unk_token,
+                                pad_token=pad_token)
+    self.added_tokens = tuple(added_tokens)
 
     def token_id(token: str, role: str) -> int:
       if token in self.vocab:
@@ -150,6 +154,31 @@ class CLIPTokenizer:
     self._raw_pattern = _alternation(raw)
     self._normalized_pattern = _alternation(normalized)
     self._bpe_cache: dict[str, tuple[int, ...]] = {}
+
+  def __len__(self) -> int:
+    """The number of distinct ids (vocab and added tokens), as transformers' `len(tokenizer)`."""
+    return len(set(self.vocab.values()) | {t.id for t in self.added_tokens})
+
+  def add_tokens(self, contents: Sequence[str]) -> "CLIPTokenizer":
+    """A new tokenizer with `contents` added as whole tokens, as transformers' `add_tokens`:
+    not special, matched after normalisation, ids from max id + 1 on (Custom Diffusion's
+    modifier tokens). Refuses a token that already exists or that normalisation would alter
+    (it could never match its own spelling)."""
+    next_id = max(max(self.vocab.values()), max((t.id for t in self.added_tokens), default=-1))
+    known = set(self.vocab) | {t.content for t in self.added_tokens}
+    new = []
+    for content in contents:
+      if not content or content in known or content in {t.content for t in new}:
+        raise ValueError(f"cannot add token {content!r}: empty or already in the tokenizer")
+      if self.normalize(content) != content:
+        raise ValueError(f"cannot add token {content!r}: normalisation turns it into "
+                         f"{self.normalize(content)!r} (use lowercase, no spaces)")
+      next_id += 1
+      new.append(AddedToken(content, next_id, special=False, normalized=True))
+    merges = sorted(self.merge_ranks, key=self.merge_ranks.get)
+    return CLIPTokenizer(self.vocab, merges, **self._special_tokens,
+                         added_tokens=(*self.added_tokens, *new),
+                         model_max_length=self.model_max_length)
 
   def _bpe(self, piece: str) -> tuple[int, ...]:
     """The ids of one pre-token: its byte characters merged by BPE, `</w>` on the last one."""
