@@ -26,7 +26,7 @@ from flax import struct
 
 from attrib_jax.models.configuration import UnsupportedConfigError, check_config
 
-SUPPORTED_SCHEDULER_CLASSES = ("DDPMScheduler", "DDIMScheduler")
+SUPPORTED_SCHEDULER_CLASSES = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -58,6 +58,11 @@ _PINNED = {
 }
 # Read by diffusers only when `thresholding` is on, which is pinned off.
 _IGNORED = ("dynamic_thresholding_ratio", "sample_max_value")
+# PNDMScheduler (Stable Diffusion 1.x snapshots) shares the betas and the forward process;
+# only its multistep sampler differs, which we do not implement (our samplers are DDIM/DDPM).
+# Its sampler-only key is ignored, and it never clips x_0, so clip_sample defaults to off.
+_PNDM_IGNORED = ("skip_prk_steps",)
+_PNDM_DEFAULTS = {"clip_sample": False}
 
 
 @struct.dataclass
@@ -98,9 +103,10 @@ class NoiseSchedule:
       raise UnsupportedConfigError(
           f"scheduler class {class_name!r} is not supported (supported: "
           f"{SUPPORTED_SCHEDULER_CLASSES}); its options may mean something else")
+    pndm = class_name == "PNDMScheduler"
     check_config(config, component=class_name or "scheduler", used=_USED, pinned=_PINNED,
-                 ignored=_IGNORED)
-    c = {**_DEFAULTS, **config}
+                 ignored=_IGNORED + (_PNDM_IGNORED if pndm else ()))
+    c = {**_DEFAULTS, **(_PNDM_DEFAULTS if pndm else {}), **config}
     if c.get("trained_betas") is not None:  # diffusers: an explicit table overrides the rest
       betas = _explicit_betas(c["trained_betas"], int(c["num_train_timesteps"]))
     else:
