@@ -295,17 +295,25 @@ def test_same_seeds_same_table(world, first_run, tmp_path):
   out, _, summary = first_run
   other = run(world, str(tmp_path / "again"), FakeTrain(world["params"]))
   assert other["markdown"] == summary["markdown"]
-  for name in ("table.csv", "table.md", "results.jsonl"):
+  assert other["pairwise_markdown"] == summary["pairwise_markdown"]
+  for name in ("table.csv", "table.md", "pairwise.csv", "pairwise.md", "results.jsonl"):
     with open(os.path.join(out, name)) as f, open(str(tmp_path / "again" / name)) as g:
       if name == "results.jsonl":   # timings differ; the numbers must not
         strip = lambda r: {k: v for k, v in json.loads(r).items() if k != "seconds"}
         assert [strip(r) for r in f] == [strip(r) for r in g]
       else:
         assert f.read() == g.read()
-  for name in ("delta_loss.png", "lds.png", "report.html"):
+  for name in ("delta_loss.png", "paired.png", "lds.png", "report.html"):
     assert os.path.getsize(os.path.join(out, name)) > 0
   lines = summary["markdown"].splitlines()
   assert lines[0].startswith("| method | K |") and len(lines) == 2 + 4 * 2
+  # Every pair of the 4 methods at both K, and the page shows them.
+  pair_lines = summary["pairwise_markdown"].splitlines()
+  assert pair_lines[0].startswith("| K | A | B |") and len(pair_lines) == 2 + 6 * 2
+  with open(os.path.join(out, "report.html")) as f:
+    page = f.read()
+  assert "Paired differences" in page and "paired.png" in page
+  assert {b["k"] for b in summary["best_against_references"]} == {2, 5}
 
 
 def test_retraining_timings_in_the_summary(first_run):

@@ -9,6 +9,9 @@ block (`EvalSettings.from_config`, unknown keys are errors). Under `out_dir`:
   lds_cells/                    one JSON per LDS (subset, seed) model's query losses
   results.jsonl                 every cell's row, sorted (rewritten at the end of each run)
   table.csv, table.md           method × K: ΔL, ΔL − random, ΔG, LDS (mean ± s.e., queries)
+  pairwise.csv, pairwise.md     every pair of methods at every K: the paired per-query ΔL
+                                difference, mean ± s.e., bootstrap interval, sign test (`stats`)
+  paired.png                    each method's paired difference from each reference baseline
   delta_loss.png, lds.png       ΔL against K per method; LDS per method
   report.html, summary.json     all of the above on one page
 (the table, plots and page are drawn by `report_page`).
@@ -33,11 +36,15 @@ from attrib_jax import parallel
 from attrib_jax.attribution import scores as scores_lib
 from attrib_jax.evaluation import counterfactual as cf
 from attrib_jax.evaluation import lds as lds_lib
+from attrib_jax.evaluation import stats
 # The report's files; re-exported (eval_report.build_table, ...) for callers of the old path.
 from attrib_jax.evaluation.report_page import (  # pylint: disable=unused-import
     COLUMNS, _write_jsonl, _write_text, build_table, format_markdown, plot_bars, plot_lines,
-    table_cells, topk_section, write_csv, write_html)
+    plot_paired, table_cells, topk_section, write_csv, write_html)
 from attrib_jax.generation import Query
+
+# The floors the bar compares the best method against (those present in the run).
+REFERENCES = (cf.RANDOM, "pixel", "caption", "caption-words")
 
 DEFAULT_METHODS = ("abu", "abu+", "pixel", "features", "trak", "d-trak", "caption", "caption-words",
                    cf.RANDOM)
@@ -239,12 +246,21 @@ def evaluate(*, out_dir: str, queries: Mapping[str, Query], index: np.ndarray,
   table = build_table(cf.summarize(rows), lds_result["summary"] if lds_result else {},
                       settings.methods, ks, index.size)
   markdown = format_markdown(table)
+  # Seeded by the random floor's seed: same seeds, same intervals.
+  pairs = stats.pairwise_table(rows, settings.methods, ks, seed=settings.random_seed)
+  pair_markdown = stats.format_pairwise_markdown(pairs)
+  references = [r for r in REFERENCES if r in settings.methods]
+  bar = stats.best_against(pairs, references, settings.methods, ks)
   if not parallel.is_main_process():   # the files below are process 0's
     parallel.barrier("evaluate: report written")
     return {"table": table, "lds": lds_result, "markdown": markdown}
   _write_jsonl(os.path.join(out_dir, "results.jsonl"), rows)
   write_csv(os.path.join(out_dir, "table.csv"), table)
   _write_text(os.path.join(out_dir, "table.md"), markdown)
+  _write_text(os.path.join(out_dir, "pairwise.csv"), stats.pairwise_csv(pairs))
+  _write_text(os.path.join(out_dir, "pairwise.md"), pair_markdown)
+  plot_paired(os.path.join(out_dir, "paired.png"), pairs, references,
+              [m for m in settings.methods if m not in references], ks)
   plot_lines(os.path.join(out_dir, "delta_loss.png"),
              {m: [(e["k"], e["dl"], e["dl_se"]) for e in table if e["method"] == m]
               for m in settings.methods}, title="Leave-K-out: query loss change",
@@ -264,6 +280,9 @@ def evaluate(*, out_dir: str, queries: Mapping[str, Query], index: np.ndarray,
       "num_items": int(index.size), "queries": names, "ks": list(ks),
       "retraining": retraining,
       "methods": list(settings.methods), "table": table, "theta0_regeneration": drift,
+      "pairwise": pairs, "best_against_references": bar,
+      "random_draws_per_query": {str(k): list(v) for k, v in
+                                 stats.random_draws_per_query(rows).items()},
       "lds": lds_result,
       "models_trained_this_run": sum(len(c.trained) for c in by_seed.values()),
       "scoring_seconds": store.seconds, "seconds_this_run": time.time() - t_start,
@@ -272,10 +291,14 @@ def evaluate(*, out_dir: str, queries: Mapping[str, Query], index: np.ndarray,
   topk = (topk_section(queries, rankings, min(max(ks), 20), get_images)
           if get_images is not None and ks else "")
   write_html(os.path.join(out_dir, "report.html"), summary, markdown,
-             plots=["delta_loss.png"] + (["lds.png"] if lds_result else []), topk_html=topk)
+             plots=["delta_loss.png", "paired.png"] + (["lds.png"] if lds_result else []),
+             topk_html=topk, pairwise_markdown=pair_markdown)
   parallel.barrier("evaluate: report written")
-  log(f"evaluate: {len(rows)} cells, table:\n{markdown}")
-  return dict(summary, markdown=markdown)
+  log(f"evaluate: {len(rows)} cells, table:\n{markdown}\npaired differences:\n{pair_markdown}")
+  for b in bar:
+    log(f"evaluate: K={b['k']}: best against {', '.join(references)} is {b['method']} (smallest"
+        f" z {b['min_z']:.2f}: {'beats' if b['beats_all'] else 'does not beat'} all by 2 s.e.)")
+  return dict(summary, markdown=markdown, pairwise_markdown=pair_markdown)
 
 
 def retraining_timing(timings: Sequence[Mapping[str, float]]) -> dict[str, Any]:

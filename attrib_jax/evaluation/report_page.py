@@ -147,6 +147,42 @@ def plot_bars(path: str, values: Mapping[str, tuple[float, float]], *, title: st
   _save_figure(path, fig)
 
 
+def plot_paired(path: str, pairs: Sequence[Mapping[str, Any]], references: Sequence[str],
+                methods: Sequence[str], ks: Sequence[int]) -> None:
+  """One panel per reference baseline: each method's paired ΔL difference from it against K,
+  mean ± s.e. over queries (above the dashed 0 line = removes more of the query's loss)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import figure  # pylint: disable=g-import-not-at-top
+  panels = max(len(references), 1)
+  fig = figure.Figure(figsize=(3.4 * panels + 1.6, 3.6), layout="constrained")
+  axes = fig.subplots(1, panels, squeeze=False)[0]
+  by = {(e["k"], e["a"], e["b"]): e for e in pairs}
+  for ax, ref in zip(axes, references):
+    ax.set_title(f"method − {ref}")
+    ax.set_xlabel("K")
+    ax.grid(True, color="#e6e6e6")
+    ax.axhline(0.0, color="#969696", linewidth=0.8, linestyle="--")
+    for i, m in enumerate(methods):
+      pts = []
+      for k in ks:
+        e, sign = by.get((k, m, ref)), 1.0
+        if e is None:
+          e, sign = by.get((k, ref, m)), -1.0
+        if e is not None and math.isfinite(e["mean"]):
+          pts.append((k, sign * e["mean"] * 1e3,
+                      e["se"] * 1e3 if math.isfinite(e["se"]) else 0.0))
+      if pts:
+        x, y, err = zip(*pts)
+        ax.errorbar(x, y, yerr=err, marker="o", markersize=3, capsize=2, color=f"C{i}",
+                    label=m)
+    ax.set_xticks(list(ks))
+  axes[0].set_ylabel("paired ΔL difference ×1e-3 (± s.e.)")
+  if methods:
+    axes[-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+  _save_figure(path, fig)
+
+
 # ------------------------------------------------------------------------------ html ---
 
 def topk_section(queries: Mapping[str, Query], rankings: Mapping[str, Mapping[str, np.ndarray]],
@@ -163,8 +199,28 @@ def topk_section(queries: Mapping[str, Query], rankings: Mapping[str, Mapping[st
   return (f"<h2>Each method's top {k}</h2>" + report_lib.LEGEND + "".join(blocks))
 
 
+def _pairwise_section(pairwise_markdown: str, summary: Mapping[str, Any]) -> str:
+  if not pairwise_markdown:
+    return ""
+  lines = [l for l in pairwise_markdown.strip().splitlines() if l.startswith("| ")]
+  cells = [[c.strip() for c in l.strip("|").split("|")] for l in lines]
+  head = "".join(f"<th>{html.escape(c)}</th>" for c in cells[0])
+  body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                 for row in cells[1:])
+  bar = "".join(
+      f"<li>K = {b['k']}: {html.escape(b['method'])}, smallest z {b['min_z']:.2f} "
+      f"({'above' if b['beats_all'] else 'not above'} 2 against every reference)</li>"
+      for b in summary.get("best_against_references", []))
+  return (f"<h2>Paired differences</h2><p>Per query, A's ΔL minus B's (random: the mean over "
+          f"its draws), then mean ± s.e. over the queries both have; a 95 % bootstrap "
+          f"percentile interval of that mean (10,000 resamples of the queries, seeded); z = "
+          f"mean / s.e.; A &gt; B counts the queries where A's removal raised the loss more; "
+          f"the sign test's two-sided exact p-value (ties dropped).</p><ul>{bar}</ul>"
+          f'<div class="wide"><table><tr>{head}</tr>{body}</table></div>')
+
+
 def write_html(path: str, summary: Mapping[str, Any], markdown: str,
-               plots: Sequence[str], topk_html: str = "") -> None:
+               plots: Sequence[str], topk_html: str = "", pairwise_markdown: str = "") -> None:
   """One page: the table, the plots, each method's top-K per query (when given), the
   definitions and the run's settings."""
   table = summary["table"]
@@ -204,6 +260,7 @@ model, against the original image: pixel MSE (pixels in [0, 1]; higher = more in
 cosine similarity of model-free random-conv features (lower = more influence). {drift_text}</p>
 <p>{lds_text}</p>
 <div class="plots">{plot_tags}</div>
+{_pairwise_section(pairwise_markdown, summary)}
 {topk_html}
 <h2>Markdown</h2><pre>{html.escape(markdown)}</pre>
 <h2>Settings</h2><pre>{html.escape(json.dumps(summary['settings'], indent=2, sort_keys=True))}</pre>
