@@ -9,7 +9,6 @@ must agree to float32 rounding: the draws are keyed by example, not by device or
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,14 +16,10 @@ import time
 import numpy as np
 import pytest
 
+import worker_procs
+
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
 TIMEOUT_S = 600  # the whole test; a hung collective must fail it, not hang CI
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
 
 
 def _start(out_dir: str, log: str, devices: int, *distributed: int) -> subprocess.Popen:
@@ -36,34 +31,17 @@ def _start(out_dir: str, log: str, devices: int, *distributed: int) -> subproces
                             stdout=f, stderr=subprocess.STDOUT, cwd=os.path.dirname(WORKER))
 
 
-def _wait(procs: list[subprocess.Popen], logs: list[str]) -> None:
-  """All exit 0, or every process is killed and the logs' tails are shown."""
-  deadline = time.monotonic() + TIMEOUT_S
-  while any(p.poll() is None for p in procs):
-    failed = any(p.poll() not in (None, 0) for p in procs)
-    if failed or time.monotonic() > deadline:
-      for p in procs:  # a peer that died leaves the others waiting in a collective
-        if p.poll() is None:
-          p.kill()
-          p.wait()
-      break
-    time.sleep(0.5)
-  if any(p.returncode != 0 for p in procs):
-    tails = "\n".join(f"--- {log}\n{open(log).read()[-3000:]}" for log in logs)
-    pytest.fail(f"worker exit codes {[p.returncode for p in procs]}:\n{tails}")
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("multihost"))
   one, two = os.path.join(root, "one"), os.path.join(root, "two")
-  port = _free_port()
+  port = worker_procs.free_port()
   start = time.monotonic()
   # All three at once: the two peers spend part of their time waiting on each other.
   logs = [os.path.join(root, name) for name in ("one.log", "two_0.log", "two_1.log")]
   procs = [_start(one, logs[0], 4), _start(two, logs[1], 2, 0, 2, port),
            _start(two, logs[2], 2, 1, 2, port)]
-  _wait(procs, logs)
+  worker_procs.wait_all(procs, logs, TIMEOUT_S, "worker")
   print(f"multihost runs: {time.monotonic() - start:.0f} s")
   return (dict(np.load(os.path.join(one, "results.npz"))),
           dict(np.load(os.path.join(two, "results.npz"))), two)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,18 +18,14 @@ import time
 import numpy as np
 import pytest
 
+import worker_procs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 600   # all three processes; a hung collective fails the test instead of CI
 # Short but with everything a run writes: a checkpoint and a sample grid mid-run.
 OVERRIDES = ("--config.train.num_steps=4", "--config.train.checkpoint_every=2",
              "--config.train.sample_every=2", "--config.train.log_every=2",
              "--config.generate.num_steps=2")
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
 
 
 def _start(module: str, workdir: str, log: str, devices: int, *extra: str) -> subprocess.Popen:
@@ -41,22 +36,6 @@ def _start(module: str, workdir: str, log: str, devices: int, *extra: str) -> su
         [sys.executable, "-m", module, "--config=configs/tiny.py:smoke",
          f"--workdir={workdir}", *OVERRIDES, *extra], env=env, cwd=ROOT, stdout=f,
         stderr=subprocess.STDOUT)
-
-
-def _wait(procs: list[subprocess.Popen], logs: list[str]) -> None:
-  """All exit 0, or every process still running is killed and the logs' tails are shown."""
-  deadline = time.monotonic() + TIMEOUT_S
-  while any(p.poll() is None for p in procs):
-    if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
-      for p in procs:   # a dead peer leaves the other waiting in a collective or barrier
-        if p.poll() is None:
-          p.kill()
-          p.wait()
-      break
-    time.sleep(0.5)
-  if any(p.returncode != 0 for p in procs):
-    tails = "\n".join(f"--- {log}\n{open(log).read()[-3000:]}" for log in logs)
-    pytest.fail(f"launcher exit codes {[p.returncode for p in procs]}:\n{tails}")
 
 
 def _files(workdir: str) -> dict[str, int]:
@@ -77,12 +56,13 @@ def train_runs(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("multihost_launch"))
   one, two = os.path.join(root, "one"), os.path.join(root, "two")
   logs = [os.path.join(root, n) for n in ("one.log", "two_0.log", "two_1.log")]
-  peer = ("--multihost", f"--coordinator_address=localhost:{_free_port()}", "--num_processes=2")
+  port = worker_procs.free_port()
+  peer = ("--multihost", f"--coordinator_address=localhost:{port}", "--num_processes=2")
   start = time.monotonic()
   procs = [_start("launch.train", one, logs[0], 4),
            _start("launch.train", two, logs[1], 2, *peer, "--process_id=0"),
            _start("launch.train", two, logs[2], 2, *peer, "--process_id=1")]
-  _wait(procs, logs)
+  worker_procs.wait_all(procs, logs, TIMEOUT_S, "launcher")
   print(f"launch.train 1x4 and 2x2: {time.monotonic() - start:.0f} s")
   return one, two, [open(log).read() for log in logs]
 
