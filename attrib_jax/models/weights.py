@@ -28,6 +28,7 @@ from attrib_jax import io_utils
 LIST_NAMES = frozenset({
     "down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers",
     "transformer_blocks", "to_out", "net", "layers",
+    "layer",  # transformers ViT's `encoder.layer.N`
 })
 _LIST_SEGMENT = re.compile(r"^(?P<name>.+)_(?P<index>\d+)$")
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
