@@ -324,3 +324,85 @@ def save_clip_text(directory: str | os.PathLike, params: Any,
   """Writes config.json + model.safetensors (keys `text_model.*`) that transformers loads."""
   CLIPTextConfig.from_transformers(config_dict)  # refuse to write a config we cannot read
   weights.save_component(directory, params, config_dict, weights_name="model.safetensors")
+
+
+# ----------------------------------------------------------------- with projection ---
+# CLIPTextModelWithProjection: the same tower plus transformers' bias-free `text_projection` of
+# the pooled (end-of-text) state, the text half of CLIP's joint embedding space. Its checkpoint
+# is `text_model.*` + `text_projection.weight`; its config is CLIPTextConfig's, whose
+# `projection_dim` (which CLIPTextModel ignores) sizes the projection.
+COMPONENT_WITH_PROJECTION = "CLIPTextModelWithProjection"
+DEFAULT_PROJECTION_DIM = 512  # transformers 5's CLIPTextConfig default
+
+
+class CLIPTextWithProjectionOutput(NamedTuple):
+  text_embeds: Array  # (B, projection_dim): text_projection(pooled_output)
+  last_hidden_state: Array  # (B, L, D)
+  pooled_output: Array  # (B, D)
+
+
+class CLIPTextModelWithProjection(nn.Module):
+  """(input_ids (B, L) int) -> CLIPTextWithProjectionOutput (float32 whatever `dtype`)."""
+  config: CLIPTextConfig
+  projection_dim: int = DEFAULT_PROJECTION_DIM
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def setup(self):
+    self.text_model = CLIPTextTransformer(self.config, self.dtype, self.param_dtype)
+    self.text_projection = layers.dense(self.projection_dim, name=None, use_bias=False,
+                                        dtype=self.dtype, param_dtype=self.param_dtype)
+
+  def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None,
+               position_ids: Optional[Array] = None) -> CLIPTextWithProjectionOutput:
+    """As CLIPTextModel.__call__ (without hidden states), plus the projected pooled state."""
+    out = self.text_model(input_ids, attention_mask, position_ids, False)
+    f32 = lambda x: x.astype(jnp.float32)
+    return CLIPTextWithProjectionOutput(f32(self.text_projection(out.pooled_output)),
+                                        f32(out.last_hidden_state), f32(out.pooled_output))
+
+
+def projection_dim_of(config_dict: Mapping[str, Any]) -> int:
+  """The config's projection_dim (transformers' default when absent), checked."""
+  value = config_dict.get("projection_dim", DEFAULT_PROJECTION_DIM)
+  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    raise configuration.UnsupportedConfigError(
+        f"{COMPONENT_WITH_PROJECTION}: config option projection_dim={value!r} must be a "
+        "positive int")
+  return value
+
+
+def init_clip_text_with_projection(config_dict: Mapping[str, Any], rng: Array, *,
+                                   dtype: Any = jnp.float32, param_dtype: Any = jnp.float32
+                                   ) -> tuple[CLIPTextModelWithProjection, dict]:
+  """A freshly initialised projected text tower for a CLIPTextConfig dict."""
+  module = CLIPTextModelWithProjection(CLIPTextConfig.from_transformers(config_dict),
+                                       projection_dim_of(config_dict), dtype, param_dtype)
+  return module, jax.jit(module.init)(rng, _dummy_ids(module.config))["params"]
+
+
+def load_clip_text_with_projection(directory: str | os.PathLike, *, dtype: Any = jnp.float32,
+                                   param_dtype: Any = jnp.float32
+                                   ) -> tuple[CLIPTextModelWithProjection, dict, dict[str, Any]]:
+  """Loads a transformers CLIPTextModelWithProjection directory without torch.
+
+  Raises:
+    UnsupportedConfigError, WeightMismatchError: as load_clip_text (a plain CLIPTextModel
+      file lacks `text_projection.weight`).
+  """
+  config_dict = configuration.read_config(directory)
+  module = CLIPTextModelWithProjection(CLIPTextConfig.from_transformers(config_dict),
+                                       projection_dim_of(config_dict), dtype, param_dtype)
+  abstract = jax.eval_shape(module.init, jax.random.key(0), _dummy_ids(module.config))["params"]
+  params = weights.from_torch_state_dict(weights.load_state_dict(directory), abstract,
+                                         component=COMPONENT_WITH_PROJECTION)
+  return module, jax.tree.map(jnp.asarray, params), config_dict
+
+
+def save_clip_text_with_projection(directory: str | os.PathLike, params: Any,
+                                   config_dict: Mapping[str, Any]) -> None:
+  """Writes config.json + model.safetensors (`text_model.*`, `text_projection.weight`)."""
+  CLIPTextConfig.from_transformers(config_dict)
+  projection_dim_of(config_dict)
+  weights.save_component(directory, jax.tree.map(np.asarray, params), config_dict,
+                         weights_name="model.safetensors")
