@@ -27,7 +27,9 @@ optional; unknown keys are errors):
       random_seed=0,
       loss=dict(timestep_stride=5, num_draws=1, seed=0, batch_size=100),   # ΔL's query loss
       regenerate=True,          # ΔG (regeneration, pixel MSE, feature cosine)
-      feature_extractor=dict(seed=0, widths=(32, 64), grid=4),  # random-conv features for ΔG
+      feature_extractor=dict(seed=0, widths=(32, 64), grid=4),  # random-conv features for ΔG;
+                                # dict(clip="/dir"): a CLIP tower's image_embeds (also used
+                                # when method_configs has clip.weights)
       lds=dict(num_subsets=8, fraction=0.5, subset_seed=0, train_seeds=()),  # num_subsets=0:
                                 # no LDS; train_seeds=() -> the config's seed only
       queries=(),               # query names under workdir/queries; () -> all
@@ -199,7 +201,11 @@ def main(argv):
     regenerate = cf.make_regenerator(apply_fn, pipe.schedule, encode([""]),
                                      pipe.latent_shape,
                                      lambda z: pipeline_lib.latents_to_images(pipe, z))
-    feature_fn = baselines.random_conv_features(**dict(settings.feature_extractor))
+    # A CLIP tower when one is configured (feature_extractor={"clip": dir}, or the clip
+    # method's weights), else random-conv; its key goes into every ΔG cell's fingerprint.
+    feature_fn, feature_key = baselines.towers.delta_g_features(
+        dict(settings.feature_extractor), dict(settings.method_configs))
+    settings = dataclasses.replace(settings, feature_extractor=feature_key)
 
   eval_report.evaluate(
       out_dir=out_dir, queries=queries, index=np.asarray(arrays["index"]),

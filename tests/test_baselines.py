@@ -101,7 +101,9 @@ def cosine_max(q: np.ndarray, train: np.ndarray) -> np.ndarray:
 
 def test_registry_and_errors(world):
   assert {"pixel", "features", "trak", "d-trak", "random"} <= set(baselines.available_methods())
-  with pytest.raises(ValueError, match="unknown attribution method 'dino'"):
+  with pytest.raises(ValueError, match="unknown attribution method 'sscd'"):
+    baselines.make_method("sscd")
+  with pytest.raises(ValueError, match="'dino' needs a weights directory"):  # the user's files
     baselines.make_method("dino")
   with pytest.raises(ValueError, match="no setting.*'centre'"):
     baselines.make_method("pixel", centre=True)

@@ -193,3 +193,45 @@ def test_image_processor_refuses_what_it_does_not_do(tmp_path):
         dict(image_processor_type="SiglipImageProcessor"))
   with pytest.raises(FileNotFoundError, match="preprocessor_config.json"):
     image_processing.read_image_processor(str(tmp_path))
+
+
+PROCESSORS = {"dino": dict(image_processor_type="ViTImageProcessor",
+                           size={"height": 32, "width": 32}, image_mean=[0.485, 0.456, 0.406],
+                           image_std=[0.229, 0.224, 0.225]),
+              "clip": dict(image_processor_type="CLIPImageProcessor", size={"shortest_edge": 36},
+                           crop_size={"height": 32, "width": 32})}
+
+
+@pytest.mark.parametrize("name", ["dino", "clip"])
+def test_tower_baselines_through_the_registry(tmp_path, name):
+  import types  # pylint: disable=g-import-not-at-top
+  from attrib_jax import baselines  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match=f"{name!r} needs a weights directory"):
+    baselines.make_method(name)
+  directory = str(tmp_path / name)
+  model = (_vit if name == "dino" else _clip_vision)(directory)
+  image_processing.save_image_processor(directory, PROCESSORS[name])
+  rng = np.random.default_rng(3)
+  images = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+  query = types.SimpleNamespace(image=images[2].copy())
+  context = baselines.Context(arrays={"index": np.arange(6)}, images=images)
+  method = baselines.make_method(name, weights=directory, flips=(0,))
+  scores = method.score(query, context)
+  # The reference: transformers' processor and model, cosine in numpy.
+  processor = (transformers.ViTImageProcessorPil if name == "dino"
+               else transformers.CLIPImageProcessorPil)(
+                   **{k: v for k, v in PROCESSORS[name].items() if k != "image_processor_type"})
+  pixels = torch.from_numpy(processor(list(images), return_tensors="np")["pixel_values"])
+  with torch.no_grad():
+    out = model(pixels)
+  f = (out.last_hidden_state[:, 0] if name == "dino" else out.image_embeds).numpy()
+  f = f / np.linalg.norm(f, axis=1, keepdims=True)
+  np.testing.assert_allclose(scores, f @ f[2], atol=1e-5)
+  assert np.argmax(scores) == 2
+  if name == "clip":
+    # ΔG's feature function: the configured clip method's tower, keyed by its weights.
+    fn, key = baselines.towers.delta_g_features({}, {"clip": {"weights": directory}})
+    assert key["tower"] and key["clip"] == os.path.abspath(directory)
+    np.testing.assert_allclose(fn(images[:2]), out.image_embeds.numpy()[:2], atol=1e-5)
+    _, key = baselines.towers.delta_g_features({"seed": 0, "grid": 2}, {})
+    assert key == {"seed": 0, "grid": 2}
