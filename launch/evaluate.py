@@ -83,7 +83,7 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     "OUT/xla_cache).")
 flags.mark_flags_as_required(["config", "workdir"])
 
-_FLIP_METHODS = ("pixel", "features", "trak", "d-trak")
+_FLIP_METHODS = ("pixel", "features", "dino", "clip", "trak", "d-trak")
 
 
 def _scorers(config, settings, pipe, apply_fn, arrays, source, base_fp, out_dir, mesh):
