@@ -93,12 +93,14 @@ def choose_inputs(rng: jax.Array, batch: dict, null_text_states: jax.Array, *,
 def make_train_step(apply_fn: Callable, schedule: Any, optimizer: optax.GradientTransformation,
                     *, random_flip: bool = True, caption_dropout: float = 0.1,
                     ema_decay: float | None = None, min_snr_gamma: float | None = None,
-                    mesh=None) -> Callable:
+                    mesh=None, jit: bool = True) -> Callable:
   """Returns `step(state, batch, null_text_states) -> (state, metrics)`, jitted.
 
   `apply_fn(params, x_t, t, text_states) -> eps`. With a mesh, the batch is split over its data
   axis and the state replicated; XLA inserts the gradient all-reduce. `min_snr_gamma` weights
-  the loss by `loss.min_snr_weights` (None: the plain mean, the MSCOCO recipe).
+  the loss by `loss.min_snr_weights` (None: the plain mean, the MSCOCO recipe). `jit=False`
+  returns the pure step itself, for callers that compile it inside a larger program
+  (`scan_train`, a `lax.scan` over every step).
   """
   num_train_timesteps = schedule.num_train_timesteps
 
@@ -132,6 +134,8 @@ def make_train_step(apply_fn: Callable, schedule: Any, optimizer: optax.Gradient
                               ema_params=ema)
     return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
+  if not jit:
+    return step
   if mesh is None:
     return jax.jit(step, donate_argnums=0)
   rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
