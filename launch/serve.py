@@ -7,10 +7,13 @@ Needs launch.distill's student and index in workdir/distill. API:
   GET  /api/queries                the generated queries one may pick: [{"name", "prompt"}]
   POST /api/query                  {"image": base64 PNG/JPEG, "prompt": str, "k": int} or
                                    {"query": name, "k": int} -> {"items": [{rank, row, index,
-                                   score, cosine, captions, thumbnail}], "ms": {...}}
+                                   score, rank_fraction, cosine, captions, thumbnail}],
+                                   "ms": {...}}; score: higher = more influential
+                                   (service.Service.search)
   GET  /thumb/<row>.png            a training image;  GET /query_image/<name>.png  a query's
   GET  /                           the page: upload an image and type its prompt, or pick a
-                                   generated query; shows the top-k with scores and captions
+                                   generated query; shows the top-k with scores (higher = more
+                                   influential) and captions
                                    (/?query=<name>&k=<k> attributes that query on load)
 Errors come back as JSON {"error": message} with status 400 (bad request) or 404 (unknown).
 """
@@ -38,11 +41,13 @@ PAGE = """<!doctype html>
  body { font-family: system-ui, sans-serif; margin: 24px; color: #222; }
  h1 { font-size: 20px; margin: 0 0 4px; } .sub { color: #666; margin-bottom: 16px; }
  form, .pick { display: flex; gap: 8px; align-items: center; flex-wrap: wrap; margin: 8px 0; }
- input[type=text] { width: 360px; padding: 4px; } select { max-width: 420px; }
+ input[type=text] { width: 360px; max-width: 100%; padding: 4px; }
+ select { max-width: min(640px, 100%); }
  #query img, .item img { image-rendering: pixelated; width: 96px; height: 96px;
    border: 1px solid #ccc; }
  #results { display: grid; grid-template-columns: repeat(auto-fill, 180px); gap: 12px; }
  .item { font-size: 12px; } .score { font-weight: 600; } #status { color: #a33; }
+ .cap + .cap { color: #666; margin-top: 2px; }
  #query { display: flex; gap: 12px; align-items: center; margin: 12px 0; }
 </style></head><body>
 <h1>Which training images made this image?</h1>
@@ -66,13 +71,19 @@ async function call(url, body) {
 function show(res, src) {
   $('status').textContent = '';
   $('query').innerHTML = (src ? `<img src="${src}">` : '') +
-    `<div><b>${esc(res.prompt)}</b><br>top ${res.k} of the training set in ` +
+    `<div><b>${esc(res.prompt)}</b> <span class="sub">(${res.query ? 'generated query ' +
+      esc(res.query) : 'your upload'})</span><br>top ${res.k} of the training set in ` +
     `${res.ms.total.toFixed(1)} ms (features ${res.ms.features.toFixed(1)}, ` +
     `MLP ${res.ms.embed.toFixed(1)}, search ${res.ms.search.toFixed(2)})<br>` +
-    `score = scale·cos + bias; lower = more influential</div>`;
-  $('results').innerHTML = res.items.map(it => `<div class="item"><img src="${it.thumbnail}">` +
-    `<div><span class="score">#${it.rank} score ${it.score.toFixed(3)}</span> (item ${it.index})` +
-    `</div><div>${esc(it.captions[0] || '')}</div></div>`).join('');
+    `score: higher = more influential (the student's logit negated, −(scale·cos + bias))` +
+    `</div>`;
+  // Every caption of an item is shown (a training image may carry several); the hover text
+  // gives the predicted teacher rank fraction and the raw cosine.
+  $('results').innerHTML = res.items.map(it => `<div class="item" title="predicted rank ` +
+    `fraction ${it.rank_fraction.toFixed(3)} (0 = most influential), cos ${it.cosine.toFixed(3)}">` +
+    `<img src="${it.thumbnail}"><div><span class="score">#${it.rank} score ` +
+    `${it.score.toFixed(3)}</span> (item ${it.index})</div>` +
+    it.captions.map(c => `<div class="cap">${esc(c)}</div>`).join('') + `</div>`).join('');
 }
 async function init() {
   try {

@@ -4,6 +4,7 @@ an exact index. The workdir wiring (`service.from_workdir`) runs in the page che
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import threading
@@ -85,6 +86,7 @@ def test_health_page_and_query_list(server):
   assert health["ok"] and health["items"] == N and health["index"] == "exact"
   status, kind, body = _get(url + "/")
   assert status == 200 and kind.startswith("text/html") and b"/api/query" in body
+  assert b"higher = more influential" in body and b"lower = more influential" not in body
   assert json.loads(_get(url + "/api/queries")[2]) == [
       {"name": "blue_one", "prompt": "a blue thing"}, {"name": "red_one", "prompt": "a red thing"}]
 
@@ -95,15 +97,18 @@ def test_query_by_name_matches_the_service_and_the_student(server):
   assert status == 200 and result["k"] == 5 and result["query"] == "red_one"
   items = result["items"]
   assert [it["rank"] for it in items] == [1, 2, 3, 4, 5]
-  assert all(a["score"] <= b["score"] + 1e-6 for a, b in zip(items, items[1:]))
-  # The same top-5 as the student's own full ranking (exact index).
+  # Served scores: higher = more influential, so they fall down the list.
+  assert all(a["score"] >= b["score"] - 1e-6 for a, b in zip(items, items[1:]))
+  # The same top-5 as the student's own full ranking (exact index), the score its logit negated.
   query = service.named_query("red_one")
   emb_q = student_lib.embed(service.student_settings, service.params, _features([query]))
   emb_z = service.index.db
   expected = student_lib.rank_items(service.params, emb_q, emb_z)[0][:5]
   assert [it["row"] for it in items] == expected.tolist()
   s = student_lib.scores(service.params, emb_q, emb_z)[0]
-  np.testing.assert_allclose([it["score"] for it in items], s[expected], rtol=1e-5)
+  np.testing.assert_allclose([it["score"] for it in items], -s[expected], rtol=1e-5)
+  np.testing.assert_allclose([it["rank_fraction"] for it in items],
+                             1 / (1 + np.exp(-s[expected])), rtol=1e-5)
   assert items[0]["index"] == 100 + items[0]["row"]
   assert items[0]["captions"] == [f"item {items[0]['row']} caption"]
   status, kind, png = _get(url + items[0]["thumbnail"])
@@ -163,3 +168,26 @@ def test_missing_prompt_and_unknown_paths(server):
   with pytest.raises(urllib.error.HTTPError) as e:
     _get(url + "/nothing")
   assert e.value.code == 404
+
+
+@pytest.mark.parametrize("scale", [-3.0, 2.5])
+def test_served_score_grows_with_influence_for_either_sign_of_the_scale(server, scale):
+  """Whatever sign training gives the scale, the served list is the student's own ranking
+  (ascending scale·cos + bias over every item), and its score rises with influence."""
+  _, service, _ = server
+  params = dict(service.params, scale=np.float32(scale), bias=np.float32(0.4))
+  signed = dataclasses.replace(service, params=params)
+  query = service.named_query("blue_one")
+  result = signed.search(query, N)              # the whole list: every item, once
+  rows = [it["row"] for it in result["items"]]
+  emb_q = student_lib.embed(service.student_settings, params, _features([query]))
+  logit = student_lib.scores(params, emb_q, service.index.db)[0]
+  # Cosines between random untrained embeddings are distinct, so the order is unambiguous.
+  assert rows == np.argsort(logit, kind="stable").tolist()
+  served = np.array([it["score"] for it in result["items"]])
+  assert np.all(np.diff(served) <= 1e-6) and served[0] > served[-1]
+  np.testing.assert_allclose(served, -logit[rows], rtol=1e-5, atol=1e-6)
+  # The most influential item has the largest cosine when the scale is negative, the smallest
+  # when it is positive: the sign is folded into the query, not lost.
+  cos = np.array([it["cosine"] for it in result["items"]])
+  assert (cos[0] > cos[-1]) == (scale < 0)

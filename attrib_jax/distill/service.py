@@ -2,9 +2,12 @@
 prompt, or a named generated query) -> the top-k training items by the student, via the index.
 
 Per query: features of the query (UNet bottleneck ⊕ text tower, teacher.Featurizer), one MLP
-pass, one index search. Scores returned are the student's: `score` = scale · cos + bias (low =
-influential; sigmoid(score) is the predicted rank fraction j / K among the query's candidates)
-and `cosine` between the embeddings.
+pass, one index search. Per item it returns
+  `score`          −(scale · cos + bias), the student's logit negated: HIGHER = MORE influential,
+                   whatever sign training gave the scale (the ranking is the student's own);
+  `rank_fraction`  sigmoid(scale · cos + bias), the predicted teacher rank j / K among a query's
+                   candidates (0 = the most influential);
+  `cosine`         cos(f(q), f(z)) between the embeddings (its direction follows the scale's sign).
 """
 from __future__ import annotations
 
@@ -78,11 +81,15 @@ class Service:
     rows, inner = rows[0], inner[0]
     sign = -1.0 if float(self.params["scale"]) > 0 else 1.0
     cosine = sign * inner       # the index held sign·cos (see student.retrieval_query)
-    score = float(self.params["scale"]) * cosine + float(self.params["bias"])
+    logit = float(self.params["scale"]) * cosine + float(self.params["bias"])
+    # Negated so that the shown number grows with influence for either sign of the learnt
+    # scale: a person reads "higher = more influential", and the order is the index's.
+    score = -logit
+    fraction = 1.0 / (1.0 + np.exp(-logit.astype(np.float64)))
     items = [{"rank": r + 1, "row": int(row), "index": int(self.dataset_index[row]),
-              "score": float(s), "cosine": float(c), "captions": list(self.captions[row]),
-              "thumbnail": f"/thumb/{int(row)}.png"}
-             for r, (row, s, c) in enumerate(zip(rows, score, cosine))]
+              "score": float(s), "rank_fraction": float(f), "cosine": float(c),
+              "captions": list(self.captions[row]), "thumbnail": f"/thumb/{int(row)}.png"}
+             for r, (row, s, f, c) in enumerate(zip(rows, score, fraction, cosine))]
     return {"prompt": query.info.get("prompt", ""), "k": k, "items": items,
             "ms": {"features": 1e3 * (t1 - t0), "embed": 1e3 * (t2 - t1),
                    "search": 1e3 * (t3 - t2), "total": 1e3 * (t3 - t0)}}
