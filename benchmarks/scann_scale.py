@@ -15,6 +15,7 @@ one query at a time. The machine is shared, so both sides run interleaved in the
 
   .venv/bin/python benchmarks/scann_scale.py                    # 1M x 768, 200 queries
   .venv/bin/python benchmarks/scann_scale.py --n=100000 --queries=100   # a quick look
+  .venv/bin/python benchmarks/scann_scale.py --smoke            # seconds: the test's run
 """
 from __future__ import annotations
 
@@ -25,12 +26,18 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import gc  # noqa: E402
+import resource  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 from attrib_jax.distill import index as index_lib  # noqa: E402
+
+
+def peak_gib() -> float:
+  """Peak resident memory of this process so far (getrusage; Linux reports KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def rss_gib(field: str = "VmRSS") -> float:
@@ -95,7 +102,13 @@ def main():
   ap.add_argument("--anisotropic_threshold", type=float, default=0.2)
   ap.add_argument("--core", type=int, default=0)
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--smoke", action="store_true",
+                  help="seconds-long sizes for tests (5,000 x 32, k = 50); not a measurement")
   a = ap.parse_args()
+  if a.smoke:
+    a.n, a.d, a.k, a.queries, a.exact_queries = 5000, 32, 50, 20, 5
+    a.super_clusters, a.clusters, a.num_leaves = 10, 100, 50
+    a.leaves_to_search, a.reorder, a.training_sample_size = "5,50", "200", 5000
 
   t0 = time.perf_counter()
   db, queries = make_data(a.n, a.d, a.super_clusters, a.clusters, a.queries, a.seed)
@@ -103,7 +116,7 @@ def main():
         f"in {a.super_clusters} topics, {a.queries} queries, made in "
         f"{time.perf_counter() - t0:.0f}s; RSS {rss_gib():.2f} GiB", flush=True)
 
-  rss0 = rss_gib()
+  rss0, peak0 = rss_gib(), peak_gib()
   settings = index_lib.IndexSettings(
       kind="scann", num_leaves=a.num_leaves,
       leaves_to_search=int(a.leaves_to_search.split(",")[0]),
@@ -113,7 +126,8 @@ def main():
   scann_index = index_lib.build_index(db, settings)
   gc.collect()
   print(f"scann: built in {scann_index.build_seconds:.1f}s on {len(os.sched_getaffinity(0))} "
-        f"cores; RSS +{rss_gib() - rss0:.2f} GiB (peak so far {rss_gib('VmHWM'):.2f} GiB); "
+        f"cores; RSS +{rss_gib() - rss0:.2f} GiB, peak +{peak_gib() - peak0:.2f} GiB during the "
+        f"build (peak so far {peak_gib():.2f} GiB); "
         f"settings {scann_index.settings}", flush=True)
 
   os.sched_setaffinity(0, {a.core})   # every timing below runs on one core
@@ -156,7 +170,8 @@ def main():
   ok = [r for r in rows if r[2] >= 0.95 and r[3] <= 10 and r[5] >= 10]
   print()
   print(f"build {scann_index.build_seconds:.1f}s; peak RSS {rss_gib('VmHWM'):.2f} GiB "
-        f"(data {db.nbytes / 2**30:.2f} GiB, held once by numpy and once by ScaNN for reorder)")
+        f"(getrusage ru_maxrss {peak_gib():.2f} GiB; data {db.nbytes / 2**30:.2f} GiB, held "
+        "once by numpy and once by ScaNN for reorder)")
   if ok:
     best = min(ok, key=lambda r: r[3])
     print(f"bar (recall@{a.k} >= 0.95, <= 10 ms, >= 10x exact): MET at leaves_to_search="
