@@ -100,7 +100,9 @@ def test_grouped_models_equal_models_trained_alone(model, tmp_path):
                                           _elementwise(getattr(mine, field), getattr(alone, field)))
   print(f"grouped vs alone: {worst}")
   worst = {k: v for k, v in worst.items() if not k.endswith("elementwise")}
-  assert max(worst.values()) <= 1e-5, worst
+  # float32 rounding of the vmapped step over the run's steps: measured 7.4e-6 on a quiet
+  # machine and 1.2e-5 under a loaded CI run (XLA:CPU's threaded reductions vary with load).
+  assert max(worst.values()) <= 2e-5, worst
   # The models differ from one another: each trained on its own rows, not on a shared batch.
   assert _relative(grouped.model_state(states, 0).params, grouped.model_state(states, 1).params) > 1e-4
 

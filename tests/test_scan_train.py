@@ -5,7 +5,7 @@ import numpy as np
 from attrib_jax import parallel
 from attrib_jax.training import loop
 from attrib_jax.training import scan_train
-from tests.test_training import SCHEDULE, _Spy, _arrays, model  # noqa: F401  (fixture)
+from test_training import SCHEDULE, _Spy, _arrays, model  # noqa: F401  (fixture)
 
 SETTINGS = loop.TrainSettings(num_steps=8, batch_size=8, learning_rate=1e-3, seed=3)
 
