@@ -81,13 +81,8 @@ class CLIPVisionConfig:
     Raises:
       UnsupportedConfigError: naming the first option the port does not implement.
     """
-    configuration.check_config(config, component=COMPONENT, used=_DEFAULTS, pinned=_PINNED,
-                               ignored=_IGNORED)
-    c = {**_DEFAULTS, **{k: v for k, v in config.items() if k in _DEFAULTS}}
-
-    def bad(key: str, why: str) -> configuration.UnsupportedConfigError:
-      return configuration.UnsupportedConfigError(
-          f"{COMPONENT}: config option {key}={c[key]!r} is not supported by the Flax port: {why}")
+    c, bad = configuration.read_options(config, component=COMPONENT, defaults=_DEFAULTS,
+                                        pinned=_PINNED, ignored=_IGNORED)
 
     if c["hidden_act"] not in clip_text.ACTIVATIONS:
       raise bad("hidden_act", f"supported: {sorted(clip_text.ACTIVATIONS)}")

@@ -64,3 +64,19 @@ def check_config(config: Mapping[str, Any], *, component: str, used: Iterable[st
     raise UnsupportedConfigError(
         f"{component}: unknown config option {key!r} (value {value!r}); the Flax port does not "
         "implement it and will not ignore it silently")
+
+
+def read_options(config: Mapping[str, Any], *, component: str, defaults: Mapping[str, Any],
+                used: Iterable[str] | None = None, pinned: Mapping[str, Any] = (),
+                ignored: Iterable[str] = ()):
+  """`check_config`, then the options the port reads (defaults filled in) and a `bad(key, why)`
+  that builds the UnsupportedConfigError naming that option and its value."""
+  check_config(config, component=component, used=defaults if used is None else used,
+               pinned=pinned, ignored=ignored)
+  c = {**defaults, **{k: v for k, v in config.items() if k in defaults}}
+
+  def bad(key: str, why: str) -> UnsupportedConfigError:
+    return UnsupportedConfigError(
+        f"{component}: config option {key}={c[key]!r} is not supported by the Flax port: {why}")
+
+  return c, bad

@@ -137,13 +137,8 @@ class UNetConfig:
     Raises:
       UnsupportedConfigError: naming the first option the port does not implement.
     """
-    configuration.check_config(config, component=COMPONENT, used=_USED, pinned=_PINNED,
-                               ignored=_IGNORED)
-    c = {**_DEFAULTS, **{k: v for k, v in config.items() if k in _DEFAULTS}}
-
-    def bad(key: str, why: str) -> configuration.UnsupportedConfigError:
-      return configuration.UnsupportedConfigError(
-          f"{COMPONENT}: config option {key}={c[key]!r} is not supported by the Flax port: {why}")
+    c, bad = configuration.read_options(config, component=COMPONENT, defaults=_DEFAULTS, used=_USED,
+                                        pinned=_PINNED, ignored=_IGNORED)
 
     down, up = tuple(c["down_block_types"]), tuple(c["up_block_types"])
     for key, types, allowed in (("down_block_types", down, DOWN_BLOCK_TYPES),
