@@ -47,17 +47,27 @@ STAGES = ("queries", "teacher", "test", "train", "index", "eval")
 
 
 class Eta:
-  """'i/n, ETA s' lines for a loop over n units, timed from its first unit done here."""
+  """'i/n, ETA s' lines for a loop over n units. The rate is units per second of the units
+  computed here: a call may report several units (a batch of queries), and a unit that was
+  only reused from an earlier run (`reused=True`) costs no time and must not speed the rate."""
 
-  def __init__(self, stage: str, total: int):
-    self.stage, self.total, self.t0, self.done = stage, total, time.time(), 0
+  def __init__(self, stage: str, total: int, clock=time.time):
+    self.stage, self.total, self.clock = stage, total, clock
+    self.t0 = self.last_t = clock()
+    self.last_i, self.units, self.seconds = 0, 0, 0.0
 
-  def __call__(self, i: int, what: str) -> None:
-    self.done += 1
-    rate = self.done / max(time.time() - self.t0, 1e-9)
-    left = (self.total - i) / rate
-    common.log(f"{self.stage}: {i}/{self.total} {what}, {time.time() - self.t0:.0f}s, "
-               f"ETA {left:.0f}s")
+  def __call__(self, i: int, what: str, reused: bool = False) -> None:
+    """i: units done so far (of `total`), this call's included."""
+    now = self.clock()
+    if not reused:
+      self.units += i - self.last_i
+      self.seconds += now - self.last_t
+    self.last_i, self.last_t = i, now
+    if self.units and self.seconds > 0:
+      eta = f"ETA {(self.total - i) * self.seconds / self.units:.0f}s"
+    else:
+      eta = "ETA unknown (nothing computed yet)" if i < self.total else "ETA 0s"
+    common.log(f"{self.stage}: {i}/{self.total} {what}, {now - self.t0:.0f}s, {eta}")
 
 
 def training_prompts(config, test_prompts: set[str]) -> list[str]:
@@ -165,9 +175,10 @@ def main(argv):
       query = generation.load_query(os.path.join(train_root, name))
       q_feature = featurizer.queries([query])[0]
       rows = teacher_lib.candidate_rows(q_feature, item_features, d.num_candidates, image_dim)
-      teacher_lib.score_candidates(abu, query, rows, os.path.join(teacher_root, name + ".npz"),
-                                   log=common.log)
-      eta(i + 1, f"training queries ({name}, {rows.size} candidates)")
+      path = os.path.join(teacher_root, name + ".npz")
+      kept = os.path.exists(path)   # reused when of this model and these candidates
+      teacher_lib.score_candidates(abu, query, rows, path, log=common.log)
+      eta(i + 1, f"training queries ({name}, {rows.size} candidates)", reused=kept)
     timings["teacher"] = time.time() - t0
 
   # Stage "test": AbU+ over every item for the test queries (shared with launch.attribute).
