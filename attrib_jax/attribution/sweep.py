@@ -22,7 +22,10 @@ Numerics. The change is never formed from two averaged losses:
   "jvp": d = ∂ε/∂θ · Δθ by `jax.jvp` (the network linearised at θ0), then mean(d · (d + 2r)).
 A network that multiplies in bf16/f16 (read from its jaxpr) is refused by "paired" and
 "cached", and they trace the network under `jax.default_matmul_precision("highest")`; only
-"jvp" may take `matmul_precision="default"`.
+"jvp" may take `matmul_precision="default"`, and only "jvp" may opt in to
+`compute_dtype="bfloat16"`: every matmul and convolution of a float32 network then takes bf16
+operands and accumulates in float32 (`precision.bf16_matmuls`), the rest stays float32; d and r
+and the per-slot means are float32 as always. Default "float32": the network as given.
 
 Invariants: every slot is computed by the same shapes (`items_per_forward` items per network
 call) whatever the device count, `items_per_device`, subset or resume point, so results are
@@ -47,6 +50,7 @@ from jax.sharding import PartitionSpec as P
 
 from attrib_jax import io_utils
 from attrib_jax import parallel
+from attrib_jax.attribution import precision
 from attrib_jax.attribution import scores as scores_lib
 from attrib_jax.attribution import selection
 from attrib_jax.diffusion import loss as loss_lib
@@ -79,9 +83,13 @@ class SweepSettings:
   # weights of a Min-SNR-γ training loss, so τ is the rise of the loss the model was trained on.
   # It only changes how the slot losses are averaged (cached pre losses stay valid).
   min_snr_gamma: float | None = None
+  # "bfloat16": matmuls/convolutions in bf16 with float32 accumulation (module doc); "jvp"
+  # only, since its change is computed directly, with the compute dtype's relative precision.
+  compute_dtype: str = "float32"
 
   def __post_init__(self):
     loss_lib.check_min_snr_gamma(self.min_snr_gamma)
+    precision.check_compute_dtype("SweepSettings", self.compute_dtype)
     scores_lib.require_at_least("SweepSettings", 1, num_captions=self.num_captions,
                                 items_per_device=self.items_per_device)
     scores_lib.require_at_least("SweepSettings", 0, items_per_forward=self.items_per_forward)
@@ -98,6 +106,12 @@ class SweepSettings:
           f"method {self.method!r} forms loss differences ~1e-3 of the loss and needs full "
           f"float32 matmuls; matmul_precision={self.matmul_precision!r} allows TF32 / bf16 "
           "passes on GPU / TPU. Use 'highest', or method='jvp'.")
+    if self.method != "jvp" and self.compute_dtype != "float32":
+      raise ValueError(
+          f"method {self.method!r} forms loss differences ~1e-3 of the loss from two passes; "
+          f"compute_dtype={self.compute_dtype!r} rounds every matmul operand to ~4e-3 relative, "
+          "so the difference would be rounding noise. Use compute_dtype='float32', or "
+          "method='jvp' (the change is computed directly, with relative precision).")
     forward = self.items_per_forward or self.items_per_device
     if self.items_per_device < 1 or self.items_per_device % forward:
       raise ValueError("items_per_device must be a positive multiple of items_per_forward")
@@ -251,13 +265,15 @@ def _mean_per_slot(x: jax.Array) -> jax.Array:
 def _sweep_program(apply_fn: Callable, mesh, timesteps: tuple[int, ...],
                    flips: tuple[int, ...], num_captions: int, mode: str,
                    items_per_forward: int, matmul_precision: str,
-                   noise_per_item: bool = True) -> Callable:
+                   noise_per_item: bool = True, compute_dtype: str = "float32") -> Callable:
   """jit(program(params, changed, schedule, seed, batch) -> {'pre', 'delta'} [b, F, K, T]).
 
   mode: "pre" (θ0 only), "paired" / "jvp" (changed = θ' on the changed leaves / Δθ there),
-  "post" (θ' only; the caller subtracts cached pre losses).
+  "post" (θ' only; the caller subtracts cached pre losses). `compute_dtype` is applied to the
+  network whatever the mode (SweepSettings refuses the unsafe pairs; measurements need them).
   """
   num_f, num_k, num_t = len(flips), num_captions, len(timesteps)
+  network = precision.with_compute_dtype(apply_fn, compute_dtype)
 
   def chunk(params, changed, schedule, seed, items):
     with jax.default_matmul_precision(matmul_precision):
@@ -283,7 +299,7 @@ def _sweep_program(apply_fn: Callable, mesh, timesteps: tuple[int, ...],
     flat = traverse_util.flatten_dict(params)
     rest = {p: v for p, v in flat.items() if p not in changed}
     before = {p: flat[p] for p in changed}
-    run = lambda sel: _prediction_and_target(apply_fn, selection.merge(sel, rest), schedule, x0,
+    run = lambda sel: _prediction_and_target(network, selection.merge(sel, rest), schedule, x0,
                                              states, t, noise)
     zeros = jnp.zeros(x0.shape[0], jnp.float32)
     if mode == "pre":
@@ -460,7 +476,10 @@ def sweep(apply_fn: Callable, params_before: Mapping[str, Any],
       "after": scores_lib.params_fingerprint(params_after) if params_after is not None else "",
       "index": scores_lib.settings_digest(index.tolist()), "keep_slots": keep_slot_losses,
       "cache": (hashlib.sha256(pre_slot_losses.tobytes()).hexdigest()[:16]
-                if pre_slot_losses is not None else "")})
+                if pre_slot_losses is not None else ""),
+      # Only when set: checkpoints of float32 sweeps written before keep their fingerprint.
+      **({"compute_dtype": settings.compute_dtype}
+         if settings.compute_dtype != "float32" else {})})
 
   pre = np.zeros((n, num_f), np.float64)
   delta = np.zeros((n, num_f), np.float64) if mode != "pre" else None
@@ -480,7 +499,7 @@ def sweep(apply_fn: Callable, params_before: Mapping[str, Any],
 
   program = _sweep_program(apply_fn, mesh, tuple(settings.timesteps), tuple(settings.flips),
                            num_k, mode, forward, settings.matmul_precision,
-                           settings.noise == "per_item")
+                           settings.noise == "per_item", settings.compute_dtype)
   changed_d, schedule_d = jax.device_put((changed, schedule), rep)
   seed = jax.device_put(np.uint32(settings.seed), rep)
   flips = slice(settings.flips[0], settings.flips[-1] + 1)
@@ -546,7 +565,9 @@ def sweep(apply_fn: Callable, params_before: Mapping[str, Any],
                      settings={**settings.loss_definition(), "method": method,
                                "min_snr_gamma": settings.min_snr_gamma,
                                "items_per_forward": forward,
-                               "matmul_precision": settings.matmul_precision})
+                               "matmul_precision": settings.matmul_precision,
+                               **({"compute_dtype": settings.compute_dtype}
+                                  if settings.compute_dtype != "float32" else {})})
 
 
 def compute_pre_losses(apply_fn: Callable, params: Mapping[str, Any], arrays: Mapping[str, Any],
