@@ -130,6 +130,36 @@ class EmbeddingCosine(interface.Method):
 
 # ----------------------------------------------------------------------- extractors ---
 
+def unet_feature_fn(module: Any, schedule: NoiseSchedule, text_states: np.ndarray, *,
+                    layer: str = "mid_block", timestep: int = 100, pool: str = "flatten"
+                    ) -> Callable[[Any, jax.Array], jax.Array]:
+  """The pure map (params, model inputs x0 [n, h, w, c]) -> [n, d] features of `unet_features`,
+  unjitted, so that a caller can fold it into a larger program (the FastGDA query encoder)."""
+  if pool not in ("flatten", "mean"):
+    raise ValueError(f"pool must be 'flatten' or 'mean', got {pool!r}")
+  path = tuple(layer.split("/"))
+  text_states = jnp.asarray(text_states, jnp.float32)
+
+  def capture(mdl, method_name):
+    return method_name == "__call__" and mdl.path == path
+
+  def run(params, schedule, x0):
+    t = jnp.full((x0.shape[0],), timestep, jnp.int32)
+    x_t = add_noise(schedule, x0, jnp.zeros_like(x0), t)
+    text = jnp.broadcast_to(text_states, (x0.shape[0],) + text_states.shape)
+    _, state = module.apply({"params": params}, x_t, t, text, capture_intermediates=capture)
+    found = state.get("intermediates", {})
+    for name in path:
+      if name not in found:
+        raise ValueError(f"the model has no submodule {layer!r} to read features from")
+      found = found[name]
+    h = found["__call__"][0].astype(jnp.float32)
+    return h.reshape(h.shape[0], -1) if pool == "flatten" else jnp.mean(
+        h.reshape(h.shape[0], -1, h.shape[-1]), axis=1)
+
+  return run
+
+
 def unet_features(module: Any, params: Any, schedule: NoiseSchedule, text_states: np.ndarray,
                   *, layer: str = "mid_block", timestep: int = 100, pool: str = "flatten",
                   batch_size: int = 64,
@@ -149,28 +179,8 @@ def unet_features(module: Any, params: Any, schedule: NoiseSchedule, text_states
     input_shape: the model's [h, w, c]; if given, images that encode to another shape are an
       error naming the fix, rather than an obscure one from inside the network.
   """
-  if pool not in ("flatten", "mean"):
-    raise ValueError(f"pool must be 'flatten' or 'mean', got {pool!r}")
-  path = tuple(layer.split("/"))
-  text_states = jnp.asarray(text_states, jnp.float32)
-
-  def capture(mdl, method_name):
-    return method_name == "__call__" and mdl.path == path
-
-  @jax.jit
-  def run(params, schedule, x0):
-    t = jnp.full((x0.shape[0],), timestep, jnp.int32)
-    x_t = add_noise(schedule, x0, jnp.zeros_like(x0), t)
-    text = jnp.broadcast_to(text_states, (x0.shape[0],) + text_states.shape)
-    _, state = module.apply({"params": params}, x_t, t, text, capture_intermediates=capture)
-    found = state.get("intermediates", {})
-    for name in path:
-      if name not in found:
-        raise ValueError(f"the model has no submodule {layer!r} to read features from")
-      found = found[name]
-    h = found["__call__"][0].astype(jnp.float32)
-    return h.reshape(h.shape[0], -1) if pool == "flatten" else jnp.mean(
-        h.reshape(h.shape[0], -1, h.shape[-1]), axis=1)
+  run = jax.jit(unet_feature_fn(module, schedule, text_states, layer=layer, timestep=timestep,
+                                pool=pool))
 
   def extract(images: np.ndarray) -> np.ndarray:
     x0 = np.asarray(to_input(images), np.float32)
