@@ -25,13 +25,16 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
   os.environ[_var] = "1"   # before numpy: exact search on one thread
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import gc  # noqa: E402
+import json  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from attrib_jax import io_utils  # noqa: E402
 from attrib_jax.distill import index as index_lib  # noqa: E402
 
 
@@ -90,7 +93,7 @@ def main():
   ap.add_argument("--d", type=int, default=768)
   ap.add_argument("--k", type=int, default=1000)
   ap.add_argument("--queries", type=int, default=200)
-  ap.add_argument("--exact_queries", type=int, default=30,
+  ap.add_argument("--exact_queries", type=int, default=100,
                   help="queries timed one at a time by brute force (each reads all n rows)")
   ap.add_argument("--super_clusters", type=int, default=200)
   ap.add_argument("--clusters", type=int, default=4000)
@@ -100,7 +103,15 @@ def main():
   ap.add_argument("--training_sample_size", type=int, default=100_000)
   ap.add_argument("--dims_per_block", type=int, default=2)
   ap.add_argument("--anisotropic_threshold", type=float, default=0.2)
-  ap.add_argument("--core", type=int, default=0)
+  ap.add_argument("--spherical", type=int, default=0,
+                  help="1: spherical k-means for the tree (unit data, inner product)")
+  ap.add_argument("--index_dir", default="",
+                  help="keep the built index here and reuse it on a rerun with the same data "
+                  "and build settings (to try other leaves_to_search / reorder without a "
+                  "rebuild; the build's time and memory are those recorded when it was built)")
+  ap.add_argument("--core", type=int, default=None,
+                  help="the CPU every timing runs on (default: the lowest one this process may "
+                  "use, so `taskset -c 1` keeps it on core 1)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--smoke", action="store_true",
                   help="seconds-long sizes for tests (5,000 x 32, k = 50); not a measurement")
@@ -110,6 +121,12 @@ def main():
     a.super_clusters, a.clusters, a.num_leaves = 10, 100, 50
     a.leaves_to_search, a.reorder, a.training_sample_size = "5,50", "200", 5000
 
+  if a.core is None:
+    a.core = min(os.sched_getaffinity(0))
+  started = time.perf_counter()
+  print(f"load average at start {'/'.join(f'{x:.2f}' for x in os.getloadavg())} "
+        f"(1/5/15 min, {os.cpu_count()} CPUs); allowed CPUs {sorted(os.sched_getaffinity(0))}",
+        flush=True)
   t0 = time.perf_counter()
   db, queries = make_data(a.n, a.d, a.super_clusters, a.clusters, a.queries, a.seed)
   print(f"data: {a.n:,} x {a.d} float32 ({db.nbytes / 2**30:.2f} GiB), {a.clusters} clusters "
@@ -121,14 +138,30 @@ def main():
       kind="scann", num_leaves=a.num_leaves,
       leaves_to_search=int(a.leaves_to_search.split(",")[0]),
       training_sample_size=a.training_sample_size, dims_per_block=a.dims_per_block,
-      anisotropic_threshold=a.anisotropic_threshold,
+      anisotropic_threshold=a.anisotropic_threshold, spherical=bool(a.spherical),
       reorder=int(a.reorder.split(",")[0]), k=a.k)
-  scann_index = index_lib.build_index(db, settings)
-  gc.collect()
-  print(f"scann: built in {scann_index.build_seconds:.1f}s on {len(os.sched_getaffinity(0))} "
-        f"cores; RSS +{rss_gib() - rss0:.2f} GiB, peak +{peak_gib() - peak0:.2f} GiB during the "
-        f"build (peak so far {peak_gib():.2f} GiB); "
-        f"settings {scann_index.settings}", flush=True)
+  key = {"data": [a.n, a.d, a.super_clusters, a.clusters, a.queries, a.seed],
+         "build": {f: v for f, v in dataclasses.asdict(settings).items()
+                   if f not in ("leaves_to_search", "reorder")}}
+  record = os.path.join(a.index_dir, "benchmark.json") if a.index_dir else ""
+  held = json.load(open(record)) if record and os.path.exists(record) else None
+  if held and held["key"] == json.loads(json.dumps(key)):
+    scann_index = index_lib.load_index(a.index_dir)
+    build = held["build"]
+    print(f"scann: REUSED {a.index_dir} (built earlier: {build['seconds']:.1f}s on "
+          f"{build['cores']} core(s), RSS +{build['rss_gib']:.2f} GiB, peak "
+          f"+{build['peak_gib']:.2f} GiB)", flush=True)
+  else:
+    scann_index = index_lib.build_index(db, settings)
+    gc.collect()
+    build = {"seconds": scann_index.build_seconds, "cores": len(os.sched_getaffinity(0)),
+             "rss_gib": rss_gib() - rss0, "peak_gib": peak_gib() - peak0}
+    print(f"scann: built in {build['seconds']:.1f}s on {build['cores']} core(s); RSS "
+          f"+{build['rss_gib']:.2f} GiB, peak +{build['peak_gib']:.2f} GiB during the build "
+          f"(peak so far {peak_gib():.2f} GiB); settings {scann_index.settings}", flush=True)
+    if a.index_dir:
+      scann_index.save(a.index_dir)
+      io_utils.atomic_write_json(record, {"key": key, "build": build})
 
   os.sched_setaffinity(0, {a.core})   # every timing below runs on one core
   exact = index_lib.ExactIndex(db, chunk=64)
@@ -138,7 +171,8 @@ def main():
   print(f"exact: top-{a.k} of {a.queries} queries in batches of 64: {truth_s:.1f}s "
         f"({1e3 * truth_s / a.queries:.1f} ms per query batched), one core", flush=True)
 
-  # Brute force one query at a time (what a server answering one request does).
+  # Brute force one query at a time (what a server answering one request does), warmed up.
+  exact.search(queries[-1:], a.k)
   exact_times, exact_found = one_at_a_time(lambda q: exact.search(q, a.k)[0],
                                            queries[:a.exact_queries])
   assert recall(exact_found, truth[:a.exact_queries]) == 1.0
@@ -167,9 +201,13 @@ def main():
   for leaves, reorder, rec, ms, bms, speed in rows:
     print(f"| ScaNN tree+AH+reorder | {leaves} / {a.num_leaves} | {reorder} | {rec:.3f} | "
           f"{ms:.2f} | {bms:.2f} | {speed:.0f}x |")
+  print(f"load average at end {'/'.join(f'{x:.2f}' for x in os.getloadavg())}; whole run "
+        f"{time.perf_counter() - started:.0f}s")
   ok = [r for r in rows if r[2] >= 0.95 and r[3] <= 10 and r[5] >= 10]
   print()
-  print(f"build {scann_index.build_seconds:.1f}s; peak RSS {rss_gib('VmHWM'):.2f} GiB "
+  print(f"build {build['seconds']:.1f}s on {build['cores']} core(s), RSS +{build['rss_gib']:.2f} "
+        f"GiB for the index beyond the data (exact search: no build, nothing beyond the data); "
+        f"this process's peak RSS {rss_gib('VmHWM'):.2f} GiB "
         f"(getrusage ru_maxrss {peak_gib():.2f} GiB; data {db.nbytes / 2**30:.2f} GiB, held "
         "once by numpy and once by ScaNN for reorder)")
   if ok:

@@ -33,6 +33,7 @@ class IndexSettings:
   training_sample_size: int = 250_000
   dims_per_block: int = 2         # asymmetric hashing: dimensions per 16-centre codebook
   anisotropic_threshold: float = 0.2
+  spherical: bool = False         # the tree's k-means on the unit sphere (unit data)
   reorder: int = 0                # 0: 4·k at build time's k
   k: int = 100                    # the default number of neighbours baked into the searcher
 
@@ -126,7 +127,8 @@ class ScannIndex(_Index):
     builder = scann_ops_pybind.builder(db, min(s.k, db.shape[0]), "dot_product")
     if s.num_leaves > 1:   # a tree over one leaf is no tree: skip it for tiny databases
       builder = builder.tree(num_leaves=s.num_leaves, num_leaves_to_search=s.leaves_to_search,
-                             training_sample_size=s.training_sample_size)
+                             training_sample_size=s.training_sample_size,
+                             spherical=s.spherical)
     if db.shape[1] >= s.dims_per_block:
       builder = builder.score_ah(s.dims_per_block,
                                  anisotropic_quantization_threshold=s.anisotropic_threshold)
