@@ -2,6 +2,7 @@
 save/load round trips, and the errors a user meets."""
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -82,3 +83,23 @@ def test_index_errors(tmp_path):
     index_lib.load_index(str(tmp_path / "missing"))
   with pytest.raises(ValueError, match="index.kind"):
     index_lib.IndexSettings(kind="faiss")
+
+
+def test_spherical_tree_and_older_index_json(tmp_path):
+  db, q = _clustered(n=5000, d=32, clusters=50, queries=50)
+  k = 50
+  truth, _ = index_lib.ExactIndex(db).search(q, k)
+  settings = index_lib.IndexSettings(num_leaves=50, leaves_to_search=10, reorder=200, k=k,
+                                     spherical=True)
+  index = index_lib.build_index(db, settings)
+  assert _recall(index.search(q, k)[0], truth) >= 0.95
+  index.save(str(tmp_path / "s"))
+  assert index_lib.load_index(str(tmp_path / "s")).settings.spherical
+  # An index saved before the setting existed loads with the default (False).
+  meta_path = tmp_path / "s" / "index.json"
+  meta = json.loads(meta_path.read_text())
+  del meta["settings"]["spherical"]
+  meta_path.write_text(json.dumps(meta))
+  loaded = index_lib.load_index(str(tmp_path / "s"))
+  assert not loaded.settings.spherical
+  np.testing.assert_array_equal(loaded.search(q, k)[0], index.search(q, k)[0])
