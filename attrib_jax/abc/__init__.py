@@ -1,0 +1,1 @@
+"""AbC (SPEC §4): attribution evaluated on customized models. Import submodules explicitly."""
