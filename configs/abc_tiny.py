@@ -85,7 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Custom Diffusion scaled to the tiny model (measured: docs/abc.md, "Benchmark build").
   c.customization = ml_collections.ConfigDict(dict(
       modifier_token="<new1>", initializer="ktn", num_steps=4 if smoke else 200,
-      learning_rate=1e-3 if smoke else 2e-3, batch_size=4,
+      learning_rate=1e-3 if smoke else 1e-2, batch_size=4,
       num_regularization=16 if smoke else 200, prior_loss_weight=1.0, weight_decay=1e-2,
       grad_clip_norm=1.0, min_snr_gamma=None if smoke else 5.0, seed=0))
   # The base's own sampler settings (configs/tiny.py).
