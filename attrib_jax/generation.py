@@ -47,21 +47,25 @@ def generate(pipe: pipeline_lib.Pipeline, prompts: Sequence[str], seeds: Sequenc
   settings = dict(latent_shape=pipe.latent_shape, num_steps=num_steps,
                   guidance_scale=guidance_scale)
 
-  def one(text_states, seed):
+  # The weights are an argument, not a closed-over constant: a constant would be baked into
+  # the program, so every other model of the same shape (e.g. each customized model of AbC)
+  # would compile it again instead of hitting the persistent compilation cache.
+  def one(params, text_states, seed):
     key = jax.random.key(seed)
     if sampler == "ddim":
-      x = sampling.ddim_sample(pipe.schedule, pipe.apply_unet, pipe.unet_params,
+      x = sampling.ddim_sample(pipe.schedule, pipe.apply_unet, params,
                                text_states[None], null, key, eta=eta, **settings)
     else:
-      x = sampling.ddpm_sample(pipe.schedule, pipe.apply_unet, pipe.unet_params,
+      x = sampling.ddpm_sample(pipe.schedule, pipe.apply_unet, params,
                                text_states[None], null, key, **settings)
     return x[0]
 
-  batched = jax.jit(jax.vmap(one))
+  batched = jax.jit(jax.vmap(one, in_axes=(None, 0, 0)))
   queries = []
   for start in range(0, len(prompts), batch_size):
     chunk = slice(start, start + batch_size)
-    latents = batched(jnp.asarray(states[chunk]), jnp.asarray(seeds[chunk], jnp.uint32))
+    latents = batched(pipe.unet_params, jnp.asarray(states[chunk]),
+                      jnp.asarray(seeds[chunk], jnp.uint32))
     images = pipeline_lib.latents_to_images(pipe, latents)
     for i, (latent, image) in enumerate(zip(np.asarray(latents), images)):
       k = start + i
