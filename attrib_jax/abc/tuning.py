@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -126,28 +126,6 @@ def tuned_scores(params, gen_feats, real_feats) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- training ---
 
-class _DecayState(NamedTuple):
-  pass
-
-
-def _decay_toward(anchor, rate: float) -> optax.GradientTransformation:
-  """Adds rate · (params − anchor) to the updates (decoupled weight decay toward `anchor`)."""
-  def init(params):
-    del params
-    return _DecayState()
-
-  def update(updates, state, params=None):
-    updates = jax.tree.map(lambda u, p, a: u + rate * (p - a), updates, params, anchor)
-    return updates, state
-
-  return optax.GradientTransformation(init, update)
-
-
-def _optimizer(settings: TuningSettings, anchor) -> optax.GradientTransformation:
-  return optax.chain(optax.scale_by_adam(), _decay_toward(anchor, settings.weight_decay),
-                     optax.scale(-settings.learning_rate))
-
-
 def info_nce(params, queries, candidates, target, mask, temperature):
   """Mean over queries of −log softmax at column `target`, over unmasked candidates."""
   model = TunedMaps(_dim(params))
@@ -158,20 +136,18 @@ def info_nce(params, queries, candidates, target, mask, temperature):
   return -jnp.mean(jnp.take_along_axis(logp, target[:, None], axis=1))
 
 
-@functools.lru_cache(maxsize=8)
-def _train_step(settings: TuningSettings, dim: int) -> Callable:
-  anchor = init_maps(dim)
-  tx = _optimizer(settings, anchor)
-
-  @jax.jit
-  def step(params, opt_state, gen_table, real_table, qi, ci, target, mask):
-    # Feature tables live on the device; a batch is gathered there from its indices.
-    loss, grads = jax.value_and_grad(info_nce)(params, gen_table[qi], real_table[ci], target,
-                                               mask, settings.temperature)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  return step, tx
+@jax.jit
+def _step(params, opt_state, anchor, gen_table, real_table, qi, ci, target, mask, temperature,
+          learning_rate, weight_decay):
+  # Settings are traced, not static: one compile per shape serves every setting. Feature
+  # tables live on the device; a batch is gathered there from its indices.
+  loss, grads = jax.value_and_grad(info_nce)(params, gen_table[qi], real_table[ci], target,
+                                             mask, temperature)
+  updates, opt_state = optax.scale_by_adam().update(grads, opt_state, params)
+  # Decoupled weight decay toward the identity start (anchor), AdamW style.
+  params = jax.tree.map(lambda p, u, a: p - learning_rate * (u + weight_decay * (p - a)),
+                        params, updates, anchor)
+  return params, opt_state, loss
 
 
 def train_maps(real_feats, gen_feats, positives, settings: TuningSettings,
@@ -194,9 +170,10 @@ def train_maps(real_feats, gen_feats, positives, settings: TuningSettings,
   if empty.size:
     raise ValueError(f"tuning queries {empty[:10].tolist()} have no positive real row")
   dim = real.shape[1]
-  step, tx = _train_step(settings, dim)
-  params = init_maps(dim)
-  opt_state = tx.init(params)
+  params = anchor = init_maps(dim)
+  opt_state = optax.scale_by_adam().init(params)
+  hyper = (jnp.float32(settings.temperature), jnp.float32(settings.learning_rate),
+           jnp.float32(settings.weight_decay))
   pos_rows = [np.flatnonzero(p) for p in positives]
   rng = np.random.default_rng(settings.seed)
   batch = min(settings.batch_size, len(gen))
@@ -211,8 +188,8 @@ def train_maps(real_feats, gen_feats, positives, settings: TuningSettings,
     # positive drawn again) is neither its target nor a negative.
     mask = ~positives[qi][:, ci]
     mask[np.arange(batch), np.arange(batch)] = True
-    params, opt_state, loss = step(params, opt_state, gen_table, real_table, qi, ci,
-                                   np.arange(batch), mask)
+    params, opt_state, loss = _step(params, opt_state, anchor, gen_table, real_table, qi, ci,
+                                    np.arange(batch), mask, *hyper)
     if progress is not None:
       progress(i + 1, float(loss), time.perf_counter() - began)
   return params
