@@ -1,6 +1,6 @@
 r"""AbU and AbU+ on an accelerator: do they give the CPU's answers, and what does a query cost?
 
-Two parts, both on JAX's default backend (a GPU or TPU when there is one):
+Three parts, all on JAX's default backend (a GPU or TPU when there is one):
 
 1. Agreement (--workdir). A finished tiny-world run whose AbU and AbU+ results were computed on
    CPU (`launch.attribute`, with and without `--config.attribution.preconditioner=ekfac`) is
@@ -13,16 +13,27 @@ Two parts, both on JAX's default backend (a GPU or TPU when there is one):
    first shows what the first-order truncation costs, the second what that precision adds.
    Times per stage are printed (the first query includes compilation).
 
-2. Throughput (--mscoco_items). configs/mscoco.py's UNet (57.4M parameters, random weights,
-   random 16x16x4 latents and 77x1024 text states): unlearning draws per second (forward +
-   backward) and sweep slots per second ("cached": one forward per slot), after a warm-up
-   call. From these, the cost of one query at SPEC §2's reference settings (50,000 draws;
-   2 x 118,287 items x 100 slots = 23.7M forwards) is *estimated* and printed as such.
+2. Cost model (--mscoco_items). configs/mscoco.py's UNet (57.4M parameters, random weights,
+   random 16x16x4 latents and 77x1024 text states). For the unlearning step's program and the
+   sweep's program of each method (paired, cached, jvp, jvp at compute_dtype bfloat16, and the
+   pre pass that fills "cached"'s cache once per model): FLOPs per draw / per slot from XLA's
+   cost analysis of the compiled program, its time per call on this device after a warm-up
+   (median of --repeats), the achieved FLOP/s, the fraction of the device's dense peak
+   (--peak_tflops FP32,BF16; H100/H200 known) and SPEC §2's full query (50,000 draws;
+   2 x 118,287 items x 100 slots = 23.7M slots) projected per method: a projection from the
+   measured rates, printed as such. (`--cost_config tiny`: the same in seconds, a smoke test.)
+
+3. Reduced precision (--precision_items). The MSCOCO UNet, a gradient step of the query's loss
+   (|Δθ| = --precision_step x |θ0| on the selection), swept by "jvp" at compute_dtype float32
+   and bfloat16 (sweep.py): Spearman, AP of the float32 top 100 and the largest difference.
 
   python benchmarks/abu_accelerator.py --workdir runs/tiny --mscoco_items 2048
+  python benchmarks/abu_accelerator.py --mscoco_items 16 --draws 16 --micro_batch 8 \
+      --items_per_device 2 --repeats 2 --peak_tflops 1,2     # a CPU, minutes
+  python benchmarks/abu_accelerator.py --precision_items 200 --precision_timesteps 250,750
 
 Reads only the workdir's model/, precomputed/*.npy, queries/ and the CPU results; needs neither
-the dataset builder nor ml_collections for part 1 (part 2 loads configs/mscoco.py).
+the dataset builder nor ml_collections for part 1 (parts 2 and 3 load configs/mscoco.py).
 """
 from __future__ import annotations
 

@@ -12,9 +12,11 @@ import pytest
 
 import test_attribution as ta
 from test_attribution import world  # noqa: F401  (fixture)
+from attrib_jax import parallel
 from attrib_jax.attribution import precision
 from attrib_jax.attribution import scores
 from attrib_jax.attribution import sweep as sweep_lib
+from attrib_jax.attribution import unlearn as unlearn_lib
 
 
 def bf16_round(a) -> np.ndarray:
@@ -87,7 +89,7 @@ def test_bf16_jvp_sweep_ranks_as_float32_and_float64(world):  # noqa: F811
                                                compute_dtype=dtype)
   results = {dtype: sweep_lib.sweep(ta.APPLY, world["params"], world["after"], arrays,
                                     ta.SCHEDULE, settings=settings(dtype),
-                                    mesh=ta.parallel.make_mesh(8))
+                                    mesh=parallel.make_mesh(8))
              for dtype in ("float32", "bfloat16")}
   bf16, f32 = results["bfloat16"], results["float32"]
   assert bf16.settings["compute_dtype"] == "bfloat16" and "compute_dtype" not in f32.settings
@@ -104,3 +106,25 @@ def test_bf16_jvp_sweep_ranks_as_float32_and_float64(world):  # noqa: F811
   assert vs64["spearman"] >= 0.99 and vs64["ap100"] >= 0.95
   assert vs32["max_rel"] < 5e-2
   np.testing.assert_allclose(bf16.pre, f32.pre, rtol=2e-2)
+
+
+def test_one_two_four_eight_devices_give_the_same_bf16_scores_and_unlearning_step(world):  # noqa: F811
+  """Issue 22.3 on fake CPU devices: the bf16 "jvp" sweep and the unlearning step's gradient
+  over 1, 2, 4 and 8 devices (the sweep's float32 path: test_attribution.py)."""
+  settings = dataclasses.replace(ta.SWEEP, items_per_device=3, method="jvp",
+                                 compute_dtype="bfloat16")
+  rows = np.arange(12)
+  x0, text = world["query"]
+  taus, grads = {}, {}
+  for devices in (1, 2, 4, 8):
+    mesh = parallel.make_mesh(devices)
+    taus[devices] = sweep_lib.sweep(ta.APPLY, world["params"], world["after"], world["arrays"],
+                                    ta.SCHEDULE, settings=settings, mesh=mesh, rows=rows).delta
+    grads[devices] = unlearn_lib.query_gradient(ta.APPLY, world["params"], x0, text,
+                                                ta.SCHEDULE, settings=ta.UNLEARN, mesh=mesh)
+  for devices in (2, 4, 8):
+    # One item's slots per network call whatever the layout: the same numbers.
+    np.testing.assert_allclose(taus[devices], taus[1], rtol=0,
+                               atol=1e-6 * np.abs(taus[1]).max())
+    for p, g in grads[1].items():  # the psum adds the devices' sums in another order
+      np.testing.assert_allclose(grads[devices][p], g, rtol=0, atol=1e-6 * np.abs(g).max())
