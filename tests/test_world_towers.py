@@ -130,3 +130,16 @@ def test_bad_settings_and_captions_are_named(world):
     wt.tokenize_captions(tok, captions, 6)
   with pytest.raises(ValueError, match="16 images but 15 caption lists"):
     wt.build_world_towers("/nonexistent/never", images, captions[:15], tok, TINY)
+
+
+def test_views_at_zero_strength_are_the_image_or_a_channel_permutation():
+  import jax  # pylint: disable=g-import-not-at-top
+  x = np.random.default_rng(0).standard_normal((4, 16, 16, 3)).astype(np.float32)
+  still = wt.dataclasses.replace(TINY, crop_scale_min=1.0, brightness=0.0, noise_std=0.0)
+  std = np.ones(3, np.float32)
+  same = np.asarray(wt.augment(jax.random.key(0), x, still, std))
+  np.testing.assert_allclose(same, x, atol=1e-5)   # a full-size crop resamples nothing
+  swapped = np.asarray(wt.augment(jax.random.key(0), x,
+                                  wt.dataclasses.replace(still, channel_shuffle=1.0), std))
+  np.testing.assert_allclose(np.sort(swapped, -1), np.sort(x, -1), atol=1e-5)
+  assert not np.allclose(swapped, x)   # 4 images: some permutation is not the identity

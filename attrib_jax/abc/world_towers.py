@@ -94,6 +94,7 @@ class WorldTowerSettings:
   crop_scale_min: float = 0.7     # a crop's side, as a fraction of the image's
   brightness: float = 0.1         # +- brightness shift and +- relative contrast change
   noise_std: float = 0.03
+  channel_shuffle: float = 0.0    # probability that a view's RGB channels are permuted
   seed: int = 0
 
   def __post_init__(self):
@@ -105,6 +106,9 @@ class WorldTowerSettings:
         clip_steps=self.clip_steps, dino_steps=self.dino_steps)
     scores_lib.require_at_least("WorldTowerSettings", 2, batch_size=self.batch_size,
                                 text_max_length=self.text_max_length)
+    if not 0 <= self.channel_shuffle <= 1:
+      raise ValueError(f"WorldTowerSettings.channel_shuffle must be in [0, 1], got "
+                       f"{self.channel_shuffle}")
     scores_lib.require_at_least("WorldTowerSettings", 0, warmup_steps=self.warmup_steps,
                                 weight_decay=self.weight_decay, brightness=self.brightness,
                                 noise_std=self.noise_std)
@@ -270,7 +274,14 @@ def augment(key: Array, pixels: Array, s: WorldTowerSettings, std: Array) -> Arr
   bright = jax.random.uniform(k_bright, (batch, 1, 1, 1), minval=-s.brightness,
                               maxval=s.brightness) / std
   noise = s.noise_std * jax.random.normal(k_noise, views.shape) / std
-  return views * contrast + bright + noise
+  views = views * contrast + bright + noise
+  if s.channel_shuffle > 0:   # colour made unreliable in some views: shape must carry them
+    k_swap, k_perm = jax.random.split(jax.random.fold_in(key, 1))
+    perms = jax.vmap(lambda k: jax.random.permutation(k, 3))(jax.random.split(k_perm, batch))
+    shuffled = jnp.take_along_axis(views, perms[:, None, None, :], axis=-1)
+    swap = jax.random.uniform(k_swap, (batch, 1, 1, 1)) < s.channel_shuffle
+    views = jnp.where(swap, shuffled, views)
+  return views
 
 
 def fresh_params(abstract: Any, seed: Sequence[int]) -> dict:
@@ -514,9 +525,11 @@ def _finished(directory: str, kind: str, settings: WorldTowerSettings, digest: s
   # Only the settings that shape this tower count (the DINO tower does not depend on the
   # text tower's width, for instance).
   relevant = _RELEVANT[kind]
-  differ = sorted(k for k in relevant if record.get("settings", {}).get(k) != ours[k])
+  # A setting added after a tower was written counts as its default there.
+  theirs = {f.name: f.default for f in dataclasses.fields(WorldTowerSettings)}
+  theirs.update(record.get("settings", {}))
+  differ = sorted(k for k in relevant if theirs.get(k) != ours[k])
   if differ:
-    theirs = record.get("settings", {})
     shown = ", ".join(f"{k}: {theirs.get(k)!r} there, {ours[k]!r} now" for k in differ)
     raise ValueError(f"{directory} holds a {kind} tower trained with other settings ({shown}): "
                      "delete it to retrain, or choose another out_dir")
@@ -535,7 +548,7 @@ _CLIP_ONLY = ("text_hidden_size", "text_num_layers", "text_max_length", "clip_st
 _RELEVANT = {
     "clip": _SHARED + _CLIP_ONLY, "clip_text": _SHARED + _CLIP_ONLY,
     "dino": _SHARED + ("dino_steps", "dino_temperature", "crop_scale_min", "brightness",
-                       "noise_std"),
+                       "noise_std", "channel_shuffle"),
 }
 
 
