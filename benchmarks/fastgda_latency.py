@@ -46,11 +46,13 @@ from attrib_jax.training import recipe
 
 
 def load_config(path: str):
+  """'configs/x.py' or 'configs/x.py:variant', as --config takes it in the launchers."""
   import importlib.util  # pylint: disable=g-import-not-at-top
+  path, _, variant = path.partition(":")
   spec = importlib.util.spec_from_file_location("distill_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config(variant or None)
 
 
 def timed(fn, inputs, warmup: int) -> tuple[list[float], list]:
