@@ -19,8 +19,12 @@ from attrib_jax import io_utils
 from attrib_jax.attribution import report as report_lib
 from attrib_jax.evaluation import report_page
 
+METRICS = ("recall@5", "recall@10", "recall@K", "map")   # K: the table's k_big (~10 % of C)
+
+
 def _metric_names(k_big: int) -> list[str]:
-  return ["recall@5", "recall@10", f"recall@{k_big}", "map"]
+  del k_big
+  return list(METRICS)
 
 
 def _pm(mean: float, se: float) -> str:
@@ -30,7 +34,7 @@ def _pm(mean: float, se: float) -> str:
 def table_markdown(rows: Sequence[Mapping[str, Any]], k_big: int) -> str:
   names = _metric_names(k_big)
   head = ["method", "protocol", "split", "n"] + [n.replace("map", "mAP").replace(
-      "recall", "Recall") for n in names]
+      "recall", "Recall").replace("@K", f"@{k_big}") for n in names]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
     lines.append("| " + " | ".join([r["method"], r["protocol"], r["split"], str(r["n"])] +
