@@ -110,11 +110,11 @@ def sets_from_config(config: Any, resolution: int) -> list[concepts.ExemplarSet]
                             token=token)
   dirs = config.get("exemplar_dirs", None) or {}
   dirs = dirs.to_dict() if hasattr(dirs, "to_dict") else dict(dirs)
-  for k, (name, entry) in enumerate(sorted(dirs.items())):
+  for name, entry in sorted(dirs.items()):
     if any(s.name == name for s in out):
       raise ValueError(f"set {name!r} is named twice (sets and exemplar_dirs)")
     out.append(folder_set(name, entry, resolution=resolution, num_prompts=config.images_per_set,
-                          seed=config.seed + 104729 * (k + 1), token=token))
+                          seed=concepts.set_seed_of(config.seed, name), token=token))
   if not out:
     raise ValueError("the config names no exemplar sets (config.sets / config.exemplar_dirs)")
   return out
@@ -462,13 +462,16 @@ def run_check(config, workdir: str, pipe: pipeline_lib.Pipeline,
     if os.path.exists(path):
       with open(path) as f:
         result = json.load(f)
-      if result.get("delta") != digest or result.get("queries") != len(s.prompts):
+      # Kept only for the same delta, prompts and seeds (a set's queries changed: redo).
+      if (result.get("delta") != digest or result.get("prompts") != list(s.prompts)
+          or result.get("seeds") != [int(x) for x in s.seeds]):
         result = None
     if result is None:
       if pending_queries(s, set_dir, gen):
         raise FileNotFoundError(f"check: set {s.name!r} has queries still to generate: run the "
                                 "generate stage first")
-      result = dict(concept_check(pipe, s, set_dir, gen, token, renders), delta=digest)
+      result = dict(concept_check(pipe, s, set_dir, gen, token, renders), delta=digest,
+                    prompts=list(s.prompts), seeds=[int(x) for x in s.seeds])
       io_utils.atomic_write_json(path, result)
     results.append(result)
     log(_eta_line(meter, k + 1, f"({s.name}: {_check_line(result)})"))

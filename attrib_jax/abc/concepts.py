@@ -27,6 +27,7 @@ neutralised); styles, one statistic per style (`style_score`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -347,6 +348,14 @@ def style_set(name: str, style: str, *, resolution: int, num_exemplars: int, num
                      [seed * 1000 + k for k in range(num_prompts)])
 
 
+def set_seed_of(seed: int, name: str) -> int:
+  """A set's own seed, from its name (not its place in the list: adding or removing a set
+  leaves the others' exemplars, prompts and seeds as they were). Below 4e6, so the query seeds
+  seed * 1000 + k fit the sampler's uint32."""
+  digest = int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:4], "little")
+  return (seed * 1_000_003 + digest) % 4_000_000
+
+
 def build_sets(sets_config: Sequence[dict[str, Any]], *, resolution: int, num_prompts: int,
                style_exemplars: int, seed: int = 0, token: str = "<new1>"
                ) -> list[ExemplarSet]:
@@ -360,7 +369,7 @@ def build_sets(sets_config: Sequence[dict[str, Any]], *, resolution: int, num_pr
     seen.add(name)
     kind, split = entry.pop("kind", None), entry.pop("split", None)
     check_split(name, kind, split)
-    set_seed = seed + 7919 * (k + 1)
+    set_seed = set_seed_of(seed, name)
     if kind == "object":
       out.append(object_set(name, split, entry, resolution=resolution,
                             num_prompts=num_prompts, seed=set_seed, token=token))
