@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from attrib_jax import config_blocks
+
 KINDS = ("real", "generated")
 
 
@@ -51,14 +53,9 @@ class TuningSettings:
 
   @classmethod
   def from_config(cls, config: Any) -> "TuningSettings":
-    """From a config block (ConfigDict or dict) of these fields; unknown keys are an error
+    """From a config block (a ConfigDict or dict) of these fields; unknown keys are an error
     naming them."""
-    values = dict(config.to_dict() if hasattr(config, "to_dict") else config)
-    known = sorted(f.name for f in dataclasses.fields(cls))
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-      raise ValueError(f"unknown tuning settings {unknown}; known: {known}")
-    return cls(**values)
+    return config_blocks.settings_from_block(cls, config, "tuning")
 
 
 def _identity(key, shape, dtype=jnp.float32):

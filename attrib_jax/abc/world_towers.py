@@ -50,6 +50,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from attrib_jax import config_blocks
 from attrib_jax import io_utils
 from attrib_jax.attribution import scores as scores_lib
 from attrib_jax.models import clip_text
@@ -130,14 +131,9 @@ class WorldTowerSettings:
 
   @classmethod
   def from_config(cls, config: Any) -> "WorldTowerSettings":
-    """From a config block (a ConfigDict or dict) whose keys are these fields; unknown keys are
-    an error naming them."""
-    values = dict(config.to_dict() if hasattr(config, "to_dict") else config)
-    known = sorted(f.name for f in dataclasses.fields(cls))
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-      raise ValueError(f"unknown world tower settings {unknown}; known: {known}")
-    return cls(**values)
+    """From a config block (a ConfigDict or dict) of these fields; unknown keys are an error
+    naming them."""
+    return config_blocks.settings_from_block(cls, config, "world tower")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,6 +26,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from attrib_jax import config_blocks
 from attrib_jax.attribution import selection
 from attrib_jax.customization import delta as delta_lib
 from attrib_jax.diffusion import loss as loss_lib
@@ -64,14 +65,9 @@ class CustomizationSettings:
 
   @classmethod
   def from_config(cls, config: Any) -> "CustomizationSettings":
-    """From a config block (a ConfigDict or dict) whose keys are these fields; unknown keys are
-    an error naming them."""
-    values = dict(config.to_dict() if hasattr(config, "to_dict") else config)
-    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
-    if unknown:
-      raise ValueError(f"unknown customization settings {unknown}; known: "
-                       f"{sorted(f.name for f in dataclasses.fields(cls))}")
-    return cls(**values)
+    """From a config block (a ConfigDict or dict) of these fields; unknown keys are an error
+    naming them."""
+    return config_blocks.settings_from_block(cls, config, "customization")
 
 
 class Items(NamedTuple):
