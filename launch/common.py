@@ -1,6 +1,7 @@
 """What every launcher does first: multi-host start-up and quiet library logs."""
 import json
 import os
+import time
 
 from absl import flags
 from absl import logging
@@ -62,3 +63,27 @@ def load_trained_pipeline(workdir: str, config=None):
                        f"differ; see {done_path}): pass the config it was trained with, or "
                        "another --workdir")
   return pipeline.load_pipeline(model_dir)
+
+
+class Eta:
+  """'i/n, ETA s' lines for a loop over n units. The rate is units per second of the units
+  computed here: a call may report several units (a batch of queries), and a unit that was
+  only reused from an earlier run (`reused=True`) costs no time and must not speed the rate."""
+
+  def __init__(self, stage: str, total: int, clock=time.time):
+    self.stage, self.total, self.clock = stage, total, clock
+    self.t0 = self.last_t = clock()
+    self.last_i, self.units, self.seconds = 0, 0, 0.0
+
+  def __call__(self, i: int, what: str, reused: bool = False) -> None:
+    """i: units done so far (of `total`), this call's included."""
+    now = self.clock()
+    if not reused:
+      self.units += i - self.last_i
+      self.seconds += now - self.last_t
+    self.last_i, self.last_t = i, now
+    if self.units and self.seconds > 0:
+      eta = f"ETA {(self.total - i) * self.seconds / self.units:.0f}s"
+    else:
+      eta = "ETA unknown (nothing computed yet)" if i < self.total else "ETA 0s"
+    log(f"{self.stage}: {i}/{self.total} {what}, {now - self.t0:.0f}s, {eta}")

@@ -46,30 +46,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 STAGES = ("queries", "teacher", "test", "train", "index", "eval")
 
 
-class Eta:
-  """'i/n, ETA s' lines for a loop over n units. The rate is units per second of the units
-  computed here: a call may report several units (a batch of queries), and a unit that was
-  only reused from an earlier run (`reused=True`) costs no time and must not speed the rate."""
-
-  def __init__(self, stage: str, total: int, clock=time.time):
-    self.stage, self.total, self.clock = stage, total, clock
-    self.t0 = self.last_t = clock()
-    self.last_i, self.units, self.seconds = 0, 0, 0.0
-
-  def __call__(self, i: int, what: str, reused: bool = False) -> None:
-    """i: units done so far (of `total`), this call's included."""
-    now = self.clock()
-    if not reused:
-      self.units += i - self.last_i
-      self.seconds += now - self.last_t
-    self.last_i, self.last_t = i, now
-    if self.units and self.seconds > 0:
-      eta = f"ETA {(self.total - i) * self.seconds / self.units:.0f}s"
-    else:
-      eta = "ETA unknown (nothing computed yet)" if i < self.total else "ETA 0s"
-    common.log(f"{self.stage}: {i}/{self.total} {what}, {now - self.t0:.0f}s, {eta}")
-
-
 def training_prompts(config, test_prompts: set[str]) -> list[str]:
   """T prompts distinct from every test query's (and from each other)."""
   d = config.distill
@@ -153,7 +129,7 @@ def main(argv):
             if not os.path.exists(os.path.join(train_root, n, "query.json"))]
     common.log(f"queries: {len(names) - len(todo)} of {len(names)} training queries kept, "
                f"{len(todo)} to generate")
-    eta = Eta("queries", len(todo))
+    eta = common.Eta("queries", len(todo))
     for start in range(0, len(todo), g.batch_size):
       batch = todo[start:start + g.batch_size]
       made = generation.generate(
@@ -170,7 +146,7 @@ def main(argv):
   os.makedirs(teacher_root, exist_ok=True)
   if "teacher" in d.stages:
     t0 = time.time()
-    eta = Eta("teacher", len(names))
+    eta = common.Eta("teacher", len(names))
     for i, name in enumerate(names):
       query = generation.load_query(os.path.join(train_root, name))
       q_feature = featurizer.queries([query])[0]
@@ -184,7 +160,7 @@ def main(argv):
   # Stage "test": AbU+ over every item for the test queries (shared with launch.attribute).
   if "test" in d.stages:
     t0 = time.time()
-    eta = Eta("test", len(test_dirs))
+    eta = common.Eta("test", len(test_dirs))
     for i, (name, query) in enumerate(zip(test_names, test_queries)):
       abu.score(query, name)
       eta(i + 1, f"test queries ({name}, all {num_items} items)")

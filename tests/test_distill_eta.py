@@ -1,9 +1,9 @@
-"""launch.distill's progress line: the ETA counts units, not calls, and reused units are free."""
+"""The launchers' progress line (launch.common.Eta, used by launch.distill): the ETA counts units, not calls, and reused units are free."""
 from __future__ import annotations
 
 import pytest
 
-from launch import distill
+from launch import common  # not launch.distill: its --config flag would clash with test_serve's
 
 
 class _Clock:
@@ -17,13 +17,13 @@ class _Clock:
 @pytest.fixture
 def lines(monkeypatch):
   out = []
-  monkeypatch.setattr(distill.common, "log", out.append)
+  monkeypatch.setattr(common, "log", out.append)
   return out
 
 
 def test_batched_calls_count_units(lines):
   clock = _Clock()
-  eta = distill.Eta("queries", 10, clock=clock)
+  eta = common.Eta("queries", 10, clock=clock)
   clock.now += 2.0
   eta(4, "queries")           # one call, 4 units in 2 s: 2 units/s, 6 left -> 3 s
   assert lines[-1] == "queries: 4/10 queries, 2s, ETA 3s", lines
@@ -34,7 +34,7 @@ def test_batched_calls_count_units(lines):
 
 def test_reused_units_do_not_speed_the_rate(lines):
   clock = _Clock()
-  eta = distill.Eta("teacher", 10, clock=clock)
+  eta = common.Eta("teacher", 10, clock=clock)
   for i in range(1, 6):       # five kept from an earlier run, read in no time
     eta(i, "training queries", reused=True)
   assert lines[-1].endswith("ETA unknown (nothing computed yet)"), lines
