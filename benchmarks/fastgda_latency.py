@@ -19,8 +19,8 @@ The student: workdir/distill/student.npz and its index when launch.distill has m
 otherwise the config's student with its random initial weights (latency does not depend on the
 weights) and an index over its embeddings of every training item (the output says which).
 
-  PYTHONPATH=. .venv/bin/python benchmarks/fastgda_latency.py --workdir=/work/runs/demo \
-      --run_dir=/work/runs/$USER/latency
+  PYTHONPATH=. .venv/bin/python benchmarks/fastgda_latency.py --workdir=runs/tiny-demo \
+      --run_dir=/tmp/fastgda_latency
   PYTHONPATH=. .venv/bin/python benchmarks/fastgda_latency.py ... --abu_repeats=0   # no AbU+
 """
 from __future__ import annotations
@@ -74,7 +74,7 @@ def ms(times: list[float]) -> str:
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--workdir", default="/work/runs/demo")
+  ap.add_argument("--workdir", default="runs/tiny-demo")
   ap.add_argument("--config", default="configs/distill_tiny.py")
   ap.add_argument("--run_dir", default="/tmp/fastgda_latency",
                   help="AbU+'s result and cache folders (the workdir is only read)")

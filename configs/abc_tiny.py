@@ -1,7 +1,7 @@
 r"""AbC (attribution by customization) on the tiny world: exemplar sets, customized models, queries.
 
-  python -m launch.abc --config=configs/abc_tiny.py --workdir=/work/runs/abc \
-      --config.base_workdir=/work/runs/demo            # a finished configs/tiny.py:demo run
+  python -m launch.abc --config=configs/abc_tiny.py --workdir=runs/abc \
+      --config.base_workdir=runs/tiny-demo          # a finished configs/tiny.py:demo run
   python -m launch.abc --config=configs/abc_tiny.py --workdir=W --stages=customize,generate
   # about a minute, for tests: 3 sets, 2 images each, a 16x16 base trained in W/base
   python -m launch.abc --config=configs/abc_tiny.py:smoke --workdir=/tmp/abc_smoke

@@ -1,7 +1,7 @@
 r"""AbC (attribution by customization): builds the benchmark and evaluates every method on it.
 
   python -m launch.abc --config=configs/abc_tiny.py --workdir=W \
-      --config.base_workdir=/work/runs/demo
+      --config.base_workdir=runs/tiny-demo
   python -m launch.abc --config=configs/abc_tiny.py --workdir=W --stages=customize,generate
   python -m launch.abc --config=configs/abc_sd.py --workdir=W     # SD 1.x + your folders
 
@@ -50,24 +50,12 @@ def parse_stages(text: str) -> list[str]:
   return [s for s in STAGES if s in asked]
 
 
-def _import_stage(module: str, stage: str, owner: str):
-  """A stage's module from another part of AbC, or an error naming what is missing."""
-  import importlib  # pylint: disable=g-import-not-at-top
-  try:
-    return importlib.import_module(module)
-  except ModuleNotFoundError as e:
-    if e.name == module:
-      raise RuntimeError(f"stage {stage!r} needs {module} ({owner}), which is not in this "
-                         "checkout yet; run the other stages with --stages") from e
-    raise
-
-
 def stage_towers(config, workdir, pipe) -> None:
   if config.kind == "sd":
     common.log("towers: a real model's benchmark names its DINO / CLIP weights "
                "(config.evaluation.towers); nothing to train")
     return
-  world_towers = _import_stage("attrib_jax.abc.world_towers", "towers", "H-towers")
+  from attrib_jax.abc import world_towers  # pylint: disable=g-import-not-at-top
   from attrib_jax.training import recipe  # pylint: disable=g-import-not-at-top
   from attrib_jax.data import precompute  # pylint: disable=g-import-not-at-top
   base = build.base_dir_of(config, workdir)
@@ -122,7 +110,7 @@ def main(argv):
     elif stage in ("tune", "evaluate"):
       if "tune" in stages and stage == "evaluate":
         continue   # one call does both
-      evaluate = _import_stage("attrib_jax.abc.evaluate", stage, "H-eval")
+      from attrib_jax.abc import evaluate  # pylint: disable=g-import-not-at-top
       evaluate.run_evaluation(config, workdir, progress=common.log)
     timings[stage] = round(time.time() - t0, 1)
   common.log(f"abc: done in {time.time() - t_all:.0f}s ({timings})")
