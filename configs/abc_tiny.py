@@ -98,8 +98,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Stages of other modules read their own blocks (towers, tune, evaluate): placeholders the
   # owners fill; the launcher passes the whole config.
   c.towers = ml_collections.ConfigDict()
-  # AbU / AbU+ on one query per set (25 a protocol): a query costs 15-35 s per protocol and
-  # method on 2 cores, so two per set would not fit the benchmark's 45 minutes.
+  # AbU / AbU+ on one query per set (25 a protocol): they are the costliest methods, and two
+  # per set would not fit the benchmark's 45 minutes on 2 cores (timings: docs/abc.md).
   c.evaluation = ml_collections.ConfigDict(dict(abu=dict(queries_per_set=1)))
   c.compilation_cache = ""   # "": W/xla_cache
   return c

@@ -67,9 +67,8 @@ MAX_LOGIT_SCALE = 100.0            # CLIP clips its learnt logit scale at 100
 
 @dataclasses.dataclass(frozen=True)
 class WorldTowerSettings:
-  """Sizes and training of the in-world towers. Defaults for a 32x32 world; on the 500-item
-  demo world they took 460 s wall on 2 cores shared at load 18 (136 s CPU, validation
-  included; docs/abc.md, "In-world towers")."""
+  """Sizes and training of the in-world towers; defaults for a 32x32 world, sized to train in
+  minutes on 2 cores (timings: docs/abc.md, "In-world towers")."""
   # Image towers (CLIP vision and the ViT share these sizes).
   image_size: int = 32
   patch_size: int = 8
