@@ -112,7 +112,8 @@ def main(argv):
         continue   # one call does both
       from attrib_jax.abc import evaluate  # pylint: disable=g-import-not-at-top
       evaluate.run_evaluation(config, workdir, progress=common.log)
-    timings[stage] = round(time.time() - t0, 1)
+    both = stage == "tune" and "evaluate" in stages
+    timings["tune+evaluate" if both else stage] = round(time.time() - t0, 1)
   common.log(f"abc: done in {time.time() - t_all:.0f}s ({timings})")
 
 

@@ -201,6 +201,34 @@ def test_reliability_of_calibrated_and_overconfident_data():
   assert calibration.reliability(sharp, pos)["ece"] > 5 * rel["ece"] + 0.02
 
 
+def test_top1_reliability_of_calibrated_and_overconfident_data():
+  rng = np.random.default_rng(5)
+  q, c = 4000, 8
+  logits = rng.normal(0, 2.0, (q, c))
+  p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+  draw = np.array([rng.choice(c, p=row) for row in p])   # calibrated by construction
+  pos = np.zeros((q, c), bool)
+  pos[np.arange(q), draw] = True
+  rel = calibration.top1_reliability(p, pos, num_bins=10)
+  assert rel["count"].sum() == q
+  # Brute force: one point per query, its top candidate's p against whether it is the exemplar.
+  top = p.argmax(1)
+  conf, hit = p[np.arange(q), top], (top == draw).astype(float)
+  which = np.minimum((conf * 10).astype(int), 9)
+  brute = sum(abs(hit[which == b].sum() - conf[which == b].sum()) for b in range(10)) / q
+  assert rel["ece"] == pytest.approx(brute, rel=1e-9)
+  assert rel["ece"] < 0.03
+  sharp = np.exp(3 * logits) / np.exp(3 * logits).sum(1, keepdims=True)
+  assert calibration.top1_reliability(sharp, pos)["ece"] > rel["ece"] + 0.1
+  # m exemplars: the top candidate's target is 1/m when it is one of them.
+  two = pos.copy()
+  two[np.arange(q), (draw + 1) % c] = True
+  uniform = np.full((q, c), 1.0 / c)
+  got = calibration.top1_reliability(uniform, two)
+  hits = two[:, 0].mean() / 2   # argmax of a tie is candidate 0
+  assert got["ece"] == pytest.approx(abs(hits - 1.0 / c), abs=1e-12)
+
+
 def test_calibrator_refuses_bad_values():
   with pytest.raises(ValueError, match="inv_tau"):
     calibration.Calibrator(0.0, 0.0)

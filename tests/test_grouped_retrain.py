@@ -6,6 +6,7 @@ import os
 import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from attrib_jax import parallel
 from attrib_jax.evaluation import counterfactual as cf
@@ -127,11 +128,12 @@ def test_an_excluded_item_never_reaches_its_model(model):
       assert any(np.isnan(x).any() for x in leaves), m
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="known defect: split over a mesh "
-                   "the models differed from one device by 1.44 (relative norm); the mesh "
-                   "path is refused until fixed")
 def test_models_split_over_a_mesh_equal_one_device(model):
-  """On 4 (fake) devices the models axis is split over the mesh: 4 models, one per device."""
+  """On 4 (fake) devices the models axis is split over the mesh: 4 models, one per device.
+
+  This caught an XLA:CPU miscompile: a vmapped 1x1 convolution with per-model kernels, its
+  models axis sharded, came out wrong (relative 1.44 after 4 steps); layers.Conv2d computes
+  1x1 convolutions as a matmul since."""
   sets = [[100 + i, 110 + i] for i in range(4)]
   arrays = _arrays()
   one = jax.device_get(_group(model, arrays, sets))
@@ -151,12 +153,34 @@ def _smoke_config():
   return module.get_config("smoke")
 
 
-@pytest.mark.xfail(strict=True, reason="known defect: a grouped model of the smoke recipe "
-                   "differs from recipe.run's by 1.05 (relative norm); the evaluation refuses "
-                   "retrain_group_size > 0 until fixed")
+def _noise_only(path) -> bool:
+  """A key projection's bias: q·b adds the same logit to every key, so its gradient is zero in
+  exact arithmetic and its trained value is rounding noise that Adam turns into steps of the
+  learning rate. Two correct runs agree on it only at the weights' scale, not its own."""
+  return tuple(path[-2:]) in (("k_proj", "bias"), ("to_k", "bias"))
+
+
+def _relative_at_scale(a, b):
+  """(largest ||x - y|| / ||y|| over the leaves that learn, largest |x - y| / the weights'
+  largest |w| over the noise-only leaves)."""
+  fa, fb = traverse_util.flatten_dict(a), traverse_util.flatten_dict(b)
+  assert fa.keys() == fb.keys()
+  scale = max(float(np.abs(np.asarray(v)).max()) for v in fb.values())
+  learn, noise = 0.0, 0.0
+  for k in fb:
+    x, y = np.asarray(fa[k], np.float64), np.asarray(fb[k], np.float64)
+    if _noise_only(k):
+      noise = max(noise, float(np.abs(x - y).max()) / scale)
+    else:
+      learn = max(learn, float(np.linalg.norm(x - y) / np.linalg.norm(y)) if np.any(y)
+                  else (0.0 if np.array_equal(x, y) else np.inf))
+  return learn, noise
+
+
 def test_model_cache_trains_groups_that_recipe_run_reuses(tmp_path):
   """Through `ModelCache.prefetch`: 2 models in a group of 3 (padded), written so that
-  `recipe_train_fn` only loads them, each within 1e-5 of the same model trained by recipe.run,
+  `recipe_train_fn` only loads them, each within 1e-5 of the same model trained by recipe.run
+  (key biases, rounding noise by construction, at the weights' scale: `_noise_only`),
   and a model does not depend on its companions or its place in the group."""
   config = _smoke_config()
   data_dir = str(tmp_path / "data")
@@ -177,10 +201,13 @@ def test_model_cache_trains_groups_that_recipe_run_reuses(tmp_path):
   assert any("reusing the trained model" in line for line in lines), lines
   assert not os.path.exists(os.path.join(cache.workdir(a), "train"))
   alone_a = train_fn(np.asarray(a), str(tmp_path / "alone_a"))   # recipe.run, in process
-  worst = _relative(grouped_a, alone_a)
-  print(f"grouped vs recipe.run: relative {worst:.3g}, elementwise "
-        f"{_elementwise(grouped_a, alone_a):.3g}")
-  assert worst <= 1e-5
+  # recipe.run trains on every (here 8 fake) device, the group on one: the same arithmetic
+  # summed in another order. Measured: 2.9e-6 relative on the learning leaves, 2.0e-5 of the
+  # weights' scale on add_embedding/pool/k_proj/bias (1.31 of its own tiny norm).
+  learn, noise = _relative_at_scale(grouped_a, alone_a)
+  print(f"grouped vs recipe.run: relative {learn:.3g} (learning leaves), "
+        f"{noise:.3g} of the weights' scale (key biases)")
+  assert learn <= 1e-5 and noise <= 1e-4
   # `a` again, second in a group with other companions: the same bits.
   retrainer.train([([7], str(tmp_path / "c")), (a, str(tmp_path / "a2"))])
   _, again, _ = unet_lib.load_unet(str(tmp_path / "a2" / "model" / "unet"))

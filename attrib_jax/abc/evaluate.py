@@ -746,8 +746,8 @@ def paired_difference(per_query_ap: Mapping, a: str, b: str, sp: str) -> dict | 
 def calibration_rows(bench: Benchmark, scores: Mapping[str, Mapping], labels: Sequence[str],
                      settings: dict) -> tuple[list[dict], dict]:
   """Per method: a calibrator fitted on the tune split's queries; per test split, NLL of the
-  calibrated probabilities vs the uncalibrated softmax, true mass, ECE. Returns the rows and
-  the reliability curves (for the figure)."""
+  calibrated probabilities vs the uncalibrated softmax, true mass, top-1 ECE
+  (`calibration.top1_reliability`). Returns the rows and the reliability curves (the figure)."""
   from attrib_jax.abc import calibration  # pylint: disable=g-import-not-at-top
   split = _split_of(bench)
   rows, curves = [], {}
@@ -768,8 +768,8 @@ def calibration_rows(bench: Benchmark, scores: Mapping[str, Mapping], labels: Se
       pos = np.stack([bench.positives(k[0]) for k in keys])
       p_cal = np.asarray(calibration.probabilities(cal, s))
       p_raw = np.asarray(calibration.softmax_probabilities(s))
-      rel = calibration.reliability(p_cal, pos)
-      rel_raw = calibration.reliability(p_raw, pos)
+      rel = calibration.top1_reliability(p_cal, pos)
+      rel_raw = calibration.top1_reliability(p_raw, pos)
       nll_cal = np.asarray(calibration.negative_log_likelihood(p_cal, pos), np.float64)
       nll_raw = np.asarray(calibration.negative_log_likelihood(p_raw, pos), np.float64)
       row = {"method": label, "split": sp, "n": len(keys), "inv_tau": float(cal.inv_tau),
@@ -779,7 +779,9 @@ def calibration_rows(bench: Benchmark, scores: Mapping[str, Mapping], labels: Se
              "nll_softmax": float(nll_raw.mean()),
              "true_mass": float(np.mean(calibration.true_mass(p_cal, pos))),
              "true_mass_softmax": float(np.mean(calibration.true_mass(p_raw, pos))),
-             "ece": float(rel["ece"]), "ece_softmax": float(rel_raw["ece"])}
+             "ece": float(rel["ece"]), "ece_softmax": float(rel_raw["ece"]),
+             "top1_confidence": float(np.mean(p_cal.max(axis=1))),
+             "top1_confidence_softmax": float(np.mean(p_raw.max(axis=1)))}
       row["calibrated_lower_nll"] = bool(row["nll"] < row["nll_softmax"])
       rows.append(row)
       if sp == "all_test":

@@ -52,19 +52,23 @@ def _csv(rows: Sequence[Mapping[str, Any]], fields: Sequence[str]) -> str:
 
 
 CAL_FIELDS = ("method", "split", "n", "inv_tau", "bias", "nll", "nll_se", "nll_softmax",
-              "calibrated_lower_nll", "true_mass", "true_mass_softmax", "ece", "ece_softmax")
+              "calibrated_lower_nll", "true_mass", "true_mass_softmax", "top1_confidence", "top1_confidence_softmax", "ece",
+              "ece_softmax")
 
 
 def calibration_markdown(cal_rows: Sequence[Mapping[str, Any]]) -> str:
   head = ["method", "split", "n", "1/τ", "b", "NLL calibrated", "NLL softmax", "lower",
-          "true mass cal.", "true mass softmax", "ECE cal.", "ECE softmax"]
+          "true mass cal.", "true mass softmax", "top-1 p cal.", "top-1 p softmax",
+          "top-1 ECE cal.", "top-1 ECE softmax"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in cal_rows:
     lines.append("| " + " | ".join([
         r["method"], r["split"], str(r["n"]), f"{r['inv_tau']:.3g}", f"{r['bias']:.3g}",
         _pm(r["nll"], r["nll_se"]), f"{r['nll_softmax']:.3f}",
         "yes" if r["calibrated_lower_nll"] else "no", f"{r['true_mass']:.3f}",
-        f"{r['true_mass_softmax']:.3f}", f"{r['ece']:.3f}", f"{r['ece_softmax']:.3f}"]) + " |")
+        f"{r['true_mass_softmax']:.3f}", f"{r['top1_confidence']:.3f}",
+        f"{r['top1_confidence_softmax']:.3f}", f"{r['ece']:.3f}",
+        f"{r['ece_softmax']:.3f}"]) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -79,11 +83,12 @@ def write_tables(out_dir: str, rows: Sequence[Mapping[str, Any]], k_big: int,
 
 
 def plot_reliability(path: str, curves: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> None:
-  """One reliability diagram: per method, calibrated (solid) and softmax (dashed) accuracy
-  against confidence over the test splits, ECE in the legend; the diagonal is perfect."""
+  """One reliability diagram of each query's top candidate (`calibration.top1_reliability`):
+  per method, calibrated (solid) and softmax (dashed) top-1 correctness against its predicted
+  probability over the test splits, ECE in the legend; the diagonal is perfect."""
   fig, ax = report_page._figure(   # pylint: disable=protected-access
-      "Reliability on the test splits", "predicted probability (bin mean)",
-      "fraction that are true exemplars")
+      "Top-1 reliability on the test splits", "top candidate's probability (bin mean)",
+      "top candidate is a true exemplar (1/m for m exemplars)")
   ax.plot([0, 1], [0, 1], color="#969696", linewidth=0.8)
   for name, c in curves.items():
     for kind, style in (("calibrated", "-"), ("softmax", "--")):

@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from attrib_jax import io_utils
+from attrib_jax import parallel
 from attrib_jax.evaluation import model_cache as cache_lib
 from attrib_jax.models import pipeline as pipeline_lib
 from attrib_jax.models import unet as unet_lib
@@ -78,7 +79,11 @@ class GroupedRetrainer:
                                        num_steps=t.num_steps)
     options = dict(random_flip=t.random_flip, caption_dropout=t.caption_dropout,
                    ema_decay=t.ema_decay, min_snr_gamma=t.get("min_snr_gamma") or None)
-    mesh = None   # the models axis stays on one device (grouped.make_group_step refuses a mesh)
+    # Several devices: each trains whole models (no cross-device reduction), when the group
+    # splits evenly over them; otherwise the group stays on one device.
+    devices = len(jax.devices())
+    mesh = (parallel.make_mesh(devices) if devices > 1 and self.group_size % devices == 0
+            else None)
     step_fn = grouped.make_group_step(apply_fn, schedule, optimizer, mesh=mesh, **options)
     return dict(arrays=arrays, apply_fn=apply_fn, init_params=init_params, schedule=schedule,
                 optimizer=optimizer, options=options, mesh=mesh, step_fn=step_fn,
