@@ -847,8 +847,10 @@ def run_evaluation(config: Any, workdir: str,
   best_feature = max(feature_methods, key=lambda m: tune_map.get(m, -1.0), default=None)
   cal_labels = [m for m in labels]      # cheap: every method with tune scores
   cal_rows, curves = calibration_rows(bench, scores, cal_labels, settings)
+  # The best feature method and its tuned versions, and the unlearning method and the text
+  # baseline in the reference's protocol: AbU+'s raw softmax is the overconfident one.
   shown = [m for m in ([best_feature] if best_feature else []) + list(TUNED_METHODS)
-           if m in curves]
+           + ["abu+.token", "caption.token"] if m in curves]
   report.write_tables(out_dir, rows, k_big, cal_rows)
   report.plot_reliability(os.path.join(out_dir, "reliability.png"),
                           {m: curves[m] for m in shown})
