@@ -150,7 +150,8 @@ def main(argv):
     for i, name in enumerate(names):
       query = generation.load_query(os.path.join(train_root, name))
       q_feature = featurizer.queries([query])[0]
-      rows = teacher_lib.candidate_rows(q_feature, item_features, d.num_candidates, image_dim)
+      rows = teacher_lib.candidate_rows(q_feature, item_features, d.num_candidates, image_dim,
+                                        by=d.get("candidates_by", "image"))
       path = os.path.join(teacher_root, name + ".npz")
       kept = os.path.exists(path)   # reused when of this model and these candidates
       teacher_lib.score_candidates(abu, query, rows, path, log=common.log)

@@ -82,6 +82,23 @@ def _synthetic_world(num_items=300, num_queries=60, dim=8, candidates=40, seed=0
   return items, queries, ranked, tau, truth
 
 
+def test_candidate_rows_by_image_or_by_image_and_text():
+  from attrib_jax.distill import teacher  # pylint: disable=g-import-not-at-top
+  # Items 0-3: the query's image, unrelated caption; items 4-7: unrelated image, its caption.
+  image = np.array([[1.0, 0.0]] * 4 + [[0.0, 1.0]] * 4)
+  text = np.array([[0.0, 1.0]] * 4 + [[1.0, 0.0]] * 4)
+  text[4:] += np.linspace(0, 0.1, 4)[:, None] * [0, 1]    # distinct, still nearest by text
+  items = np.concatenate([image, text / np.linalg.norm(text, axis=1, keepdims=True)], axis=1)
+  query = np.array([0.9, np.sqrt(1 - 0.81), 1.0, 0.0])
+  np.testing.assert_array_equal(teacher.candidate_rows(query, items, 4, 2), [0, 1, 2, 3])
+  np.testing.assert_array_equal(teacher.candidate_rows(query, items, 4, 2, by="image_text"),
+                                [4, 5, 6, 7])
+  with pytest.raises(ValueError, match="candidates_by"):
+    teacher.candidate_rows(query, items, 4, 2, by="text")
+  with pytest.raises(ValueError, match="num_candidates"):
+    teacher.candidate_rows(query, items, 9, 2)
+
+
 def test_outlier_swaps_stay_outside_candidates():
   items, queries, ranked, tau, _ = _synthetic_world()
   data = student_lib.TeacherData(queries, ranked, tau)

@@ -82,14 +82,22 @@ class Featurizer:
     return np.concatenate([image, text], axis=1).astype(np.float32)
 
 
+CANDIDATES_BY = ("image", "image_text")
+
+
 def candidate_rows(query_feature: np.ndarray, item_features: np.ndarray, count: int,
-                   image_dim: int) -> np.ndarray:
-  """The `count` rows nearest the query by its image feature (the paper's DINO neighbours),
-  ascending by row so the sweep reads them in storage order."""
+                   image_dim: int, by: str = "image") -> np.ndarray:
+  """The `count` rows nearest the query, ascending by row so the sweep reads them in storage
+  order. by="image": by the image feature alone (the paper's DINO neighbours); "image_text":
+  by the whole image ⊕ text feature (both halves unit length, so each counts alike), for a
+  teacher whose top items are often near the query in caption rather than in pixels."""
   if not 1 <= count <= item_features.shape[0]:
     raise ValueError(f"distill.num_candidates = {count} must lie in [1, "
                      f"{item_features.shape[0]}] (the training set's size)")
-  sims = item_features[:, :image_dim] @ query_feature[:image_dim]
+  if by not in CANDIDATES_BY:
+    raise ValueError(f"distill.candidates_by must be one of {CANDIDATES_BY}, got {by!r}")
+  width = image_dim if by == "image" else item_features.shape[1]
+  sims = item_features[:, :width] @ query_feature[:width]
   return np.sort(np.argsort(-sims, kind="stable")[:count])
 
 
