@@ -40,7 +40,10 @@ optional; unknown keys are errors):
                                 # cached apart from in-process ones (other last bits).
       retrain_group_size=0)     # M > 0: retrain M models at a time in one vmapped program in
                                 # this process (attrib_jax/evaluation/grouped_retrain.py),
-                                # instead of the workers; cached apart too. 0: off.
+                                # split over the devices when M is a multiple of their number,
+                                # instead of the workers; cached apart too. 0: off. For
+                                # accelerators: on CPU a group is slower than the workers
+                                # (docs/experiments.md §3).
 AbU ("abu", the diagonal Fisher) and AbU+ ("abu+", EK-FAC) use `config.attribution` (as
 launch.attribute) with that preconditioner, whatever the config's own choice.
 

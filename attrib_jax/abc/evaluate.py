@@ -44,7 +44,6 @@ import numpy as np
 from attrib_jax import baselines
 from attrib_jax import generation
 from attrib_jax import io_utils
-from attrib_jax.attribution import ekfac as ekfac_lib
 from attrib_jax.attribution import fisher as fisher_lib
 from attrib_jax.attribution import runner
 from attrib_jax.attribution import scores as scores_lib
@@ -526,28 +525,6 @@ class _SharedUnlearn(runner.AbU):
     return self._shared[key]
 
 
-def _share_trak_programs(template: baselines.Context | None, context: baselines.Context,
-                         selection_name: str) -> None:
-  """Gives `context` the TRAK / D-TRAK programs compiled for `template`, with its own weights.
-
-  TRAK keeps its jitted programs per context (baselines/trak.py `_setup`), so each customized
-  model would compile them again (measured: 1.5 min a (set, protocol) on the loaded 2-core
-  machine, for the same shapes). The programs take the weights as arguments; only the
-  device-put weights differ, rebuilt here exactly as `_setup` builds them.
-  TODO(lead): key trak._make_programs on (apply_fn, mesh, settings, shape) in trak.py instead.
-  """
-  from attrib_jax import parallel  # pylint: disable=g-import-not-at-top
-  from attrib_jax.attribution import selection  # pylint: disable=g-import-not-at-top
-  if template is None:
-    return
-  for key, setup in template.cache.items():
-    if isinstance(key, tuple) and key and key[0] == "trak-setup" and key not in context.cache:
-      selected, rest = selection.split(context.params,
-                                       selection.select(context.params, selection_name))
-      context.cache[key] = dict(setup, weights=jax.device_put(
-          (selected, rest, context.schedule), parallel.replicated(setup["mesh"])))
-
-
 def abu_queries(bench: Benchmark, settings: dict) -> dict[str, list[str]]:
   """The queries AbU / AbU+ run on: the first `queries_per_set` of each set, by name."""
   k = int(settings["abu"]["queries_per_set"])
@@ -591,7 +568,6 @@ def run_set_methods(bench: Benchmark, settings: dict, store: ScoreStore, cache_d
       log(f"evaluate: the base model's {abu_settings.preconditioner} in {time.time() - t0:.0f}s")
     return base_preconditioners[method_name]
 
-  trak_template: dict[str, baselines.Context] = {}   # the first context: its TRAK programs
   meter = scores_lib.ProgressMeter("evaluate sets", len(bench.sets), "sets")
   for number, s in enumerate(bench.sets, 1):
     name = s["name"]
@@ -621,8 +597,6 @@ def run_set_methods(bench: Benchmark, settings: dict, store: ScoreStore, cache_d
               arrays=candidate_arrays(bench, ex), captions=bench.candidate_captions(protocol),
               apply_fn=apply_fn, params=p.unet_params, schedule=p.schedule, module=p.unet,
               cache_dir=set_cache, progress=None)
-          _share_trak_programs(trak_template.get("c"), contexts["c"],
-                               settings["trak"]["selection"])
         return contexts["c"]
 
       for method_name in wanted:
@@ -639,8 +613,6 @@ def run_set_methods(bench: Benchmark, settings: dict, store: ScoreStore, cache_d
             for (q, query), row in zip(todo, scores):
               store.put(label, name, q, method_key(label, method.config(), bench, query, model),
                         row)
-            if method_name in ("trak", "d-trak"):
-              trak_template["c"] = context()   # holds compiled programs the next ones reuse
         else:
           abu_settings = _abu_settings(settings, runner.METHOD_PRECONDITIONER[method_name])
           key_settings = json.loads(json.dumps(dataclasses.asdict(abu_settings), default=str))

@@ -37,9 +37,10 @@ from attrib_jax.training import loop
 from attrib_jax.visualize import save_image_grid
 
 
-# Config blocks that do not change the trained weights.
+# Config blocks that do not change the trained weights (FastGDA's `distill` reads a trained
+# model: configs/distill_tiny.py's model is the demo's, and must be reusable as it).
 NOT_TRAINING_KEYS = frozenset({"name", "generate", "attribution", "attribution_top_k",
-                               "evaluation"})
+                               "evaluation", "distill"})
 
 
 class DatasetSource(NamedTuple):
