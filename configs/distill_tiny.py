@@ -54,7 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       student=dict(hidden=(16, 16) if smoke else (256, 256, 256),
                    out_dim=16 if smoke else 256, dropout=0.1, learning_rate=1e-3,
                    weight_decay=0.01, batch_size=32 if smoke else 1024,
-                   num_epochs=2 if smoke else 10, outlier_prob=0.1, loss="rank", seed=0),
+                   num_epochs=2 if smoke else 60, outlier_prob=0.1, loss="rank", seed=0),
       regression_baseline=True,      # also train the score-regression student (eval only)
       index=dict(kind="scann", num_leaves=0, leaves_to_search=0, reorder=0,
                  k=16 if smoke else 100),
