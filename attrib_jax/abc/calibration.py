@@ -121,6 +121,23 @@ def truncated_fraction(probs, positives, eps: float = EPS) -> np.ndarray:
   return ((probs < eps) & positives).sum(axis=1) / positives.sum(axis=1)
 
 
+def _binned(p: np.ndarray, y: np.ndarray, num_bins: int) -> dict:
+  """Points (p, y) in equal-width bins of p on [0, 1]: bin_edges [B+1], confidence / accuracy
+  [B] (mean p / mean y; NaN in empty bins), count [B], ece = Σ (n_b/N) |acc_b - conf_b|."""
+  edges = np.linspace(0.0, 1.0, num_bins + 1)
+  # Bins [e_i, e_i+1), the last one closed at 1.
+  which = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, num_bins - 1)
+  count = np.bincount(which, minlength=num_bins)
+  sum_p = np.bincount(which, weights=p, minlength=num_bins)
+  sum_y = np.bincount(which, weights=y, minlength=num_bins)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    confidence = np.where(count > 0, sum_p / count, np.nan)
+    accuracy = np.where(count > 0, sum_y / count, np.nan)
+  ece = float(np.sum(np.abs(sum_y - sum_p)) / p.size)
+  return {"bin_edges": edges, "confidence": confidence, "accuracy": accuracy,
+          "count": count.astype(np.int64), "ece": ece}
+
+
 def reliability(probs, positives, num_bins: int = 10) -> dict:
   """Reliability diagram over all (query, candidate) pairs, equal-width bins on [0, 1].
 
@@ -131,19 +148,7 @@ def reliability(probs, positives, num_bins: int = 10) -> dict:
     raise ValueError(f"num_bins must be >= 1, got {num_bins}")
   probs, positives = _probs(probs, positives)
   target = positives / positives.sum(axis=1, keepdims=True)
-  p, y = probs.ravel(), target.ravel()
-  edges = np.linspace(0.0, 1.0, num_bins + 1)
-  # Bins [e_i, e_i+1), the last one closed at 1.
-  which = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, num_bins - 1)
-  count = np.bincount(which, minlength=num_bins)
-  sum_p = np.bincount(which, weights=p, minlength=num_bins)
-  sum_y = np.bincount(which, weights=y, minlength=num_bins)
-  with np.errstate(invalid="ignore", divide="ignore"):
-    confidence = np.where(count > 0, sum_p / count, np.nan)
-    accuracy = np.where(count > 0, sum_y / count, np.nan)
-  ece = float(np.sum(np.abs(sum_y - sum_p)) / p.size)   # Σ (n_b/N) |acc_b - conf_b|
-  return {"bin_edges": edges, "confidence": confidence, "accuracy": accuracy,
-          "count": count.astype(np.int64), "ece": ece}
+  return _binned(probs.ravel(), target.ravel(), num_bins)
 
 
 def top1_reliability(probs, positives, num_bins: int = 10) -> dict:
@@ -155,19 +160,7 @@ def top1_reliability(probs, positives, num_bins: int = 10) -> dict:
   probs, positives = _probs(probs, positives)
   top = np.argmax(probs, axis=1)
   rows = np.arange(probs.shape[0])
-  p = probs[rows, top]
-  y = positives[rows, top] / positives.sum(axis=1)
-  edges = np.linspace(0.0, 1.0, num_bins + 1)
-  which = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, num_bins - 1)
-  count = np.bincount(which, minlength=num_bins)
-  sum_p = np.bincount(which, weights=p, minlength=num_bins)
-  sum_y = np.bincount(which, weights=y, minlength=num_bins)
-  with np.errstate(invalid="ignore", divide="ignore"):
-    confidence = np.where(count > 0, sum_p / count, np.nan)
-    accuracy = np.where(count > 0, sum_y / count, np.nan)
-  ece = float(np.sum(np.abs(sum_y - sum_p)) / p.size)
-  return {"bin_edges": edges, "confidence": confidence, "accuracy": accuracy,
-          "count": count.astype(np.int64), "ece": ece}
+  return _binned(probs[rows, top], positives[rows, top] / positives.sum(axis=1), num_bins)
 
 
 # ------------------------------------------------------------------------------- fitting ---
