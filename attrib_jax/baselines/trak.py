@@ -170,8 +170,7 @@ def _programs(apply_fn: Callable, mesh, method: "TRAK",
   """`_make_programs`, built once per network, mesh, settings and shape in a process.
 
   The programs take the weights as arguments, so every model of one network (AbC's customized
-  models, each a context of its own) shares them: measured 1.5 min of compiling per (set,
-  protocol) on a loaded 2-core machine when each context built its own."""
+  models, each a context of its own) shares them instead of compiling its own."""
   key = (apply_fn, mesh, method.objective, method.proj_dim, method.projection,
          method.block_rows, tuple(method.timesteps), tuple(latent_shape))
   if key not in _PROGRAMS:
