@@ -4,6 +4,9 @@ r"""The tiny world sized for the counterfactual evaluation: about an hour on 2 C
   python -m launch.generate --config=configs/tiny_eval.py --workdir=runs/eval    # ~20 s
   python -m launch.attribute --config=configs/tiny_eval.py --workdir=runs/eval   # ~3 min
   python -m launch.evaluate --config=configs/tiny_eval.py --workdir=runs/eval    # ~50 min
+  # the issue-17 scale (60 queries, 3 K, 32 LDS subsets; ~1,250 retrainings: hours on 2 cores):
+  for s in train generate attribute evaluate; do
+    python -m launch.$s --config=configs/tiny_eval.py:full --workdir=runs/eval-full; done
   # a reduced evaluation (any key of the `evaluation` block below can be overridden):
   python -m launch.evaluate --config=configs/tiny_eval.py --workdir=runs/eval \
       --config.evaluation.queries='("rare_moon_0",)' --config.evaluation.lds.num_subsets=0
@@ -17,6 +20,8 @@ in a one-core worker). Everything not overridden below comes from configs/tiny.p
 the rare-concept prompts only (3 per concept): they carry ground truth. The measured table and
 why 15 queries: docs/experiments.md section 3.
 """
+import copy
+
 import ml_collections
 
 try:
@@ -36,8 +41,8 @@ except ModuleNotFoundError as error:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "default"
-  if variant not in ("default", "smoke"):
-    raise ValueError(f"configs/tiny_eval.py: unknown variant {variant!r} (default, smoke)")
+  if variant not in ("default", "full", "smoke"):
+    raise ValueError(f"configs/tiny_eval.py: unknown variant {variant!r} (default, full, smoke)")
   smoke = variant == "smoke"
   c = tiny.get_config("smoke" if smoke else None)
   c.name = f"tiny-eval-{variant}"
@@ -87,4 +92,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       regenerate=True, queries=(),
       lds=dict(num_subsets=3 if smoke else 5, fraction=0.5, subset_seed=0),
       retrain_workers=-1))   # one single-core retraining process per core (retrain_pool.py)
+
+  if variant == "full":
+    # The decisive scale: 60 queries (8 per rare concept, 20 common prompts, each its own
+    # seed), K at 0.8 / 2.3 / 4.7 % of the 256 items, 5 random draws, 32 LDS half-subsets.
+    # AbU and AbU+ twice: at SPEC's settings (the exact step, unweighted: the plain names) and
+    # at the demo's (`@demo`: configs/tiny.py's jvp sweep and Min-SNR-weighted factors).
+    c.generate.queries_per_rare_concept = 8
+    c.generate.num_common_queries = 20
+    demo = tiny.get_config().attribution
+    c.evaluation.methods = ("abu", "abu+", "abu@demo", "abu+@demo", "pixel", "caption",
+                            "caption-words", "random")
+    demo_blocks = {"sweep": {"method": demo.sweep.method,
+                             "min_snr_gamma": demo.sweep.min_snr_gamma},
+                   "fisher": {"min_snr_gamma": demo.fisher.min_snr_gamma},
+                   "ekfac": {"min_snr_gamma": demo.ekfac.min_snr_gamma}}
+    c.evaluation.method_configs = {"abu@demo": copy.deepcopy(demo_blocks),
+                                   "abu+@demo": copy.deepcopy(demo_blocks)}
+    c.evaluation.ks = (2, 6, 12)
+    c.evaluation.random_draws = 5
+    c.evaluation.lds.num_subsets = 32
   return c

@@ -45,7 +45,10 @@ optional; unknown keys are errors):
                                 # accelerators: on CPU a group is slower than the workers
                                 # (docs/experiments.md §3).
 AbU ("abu", the diagonal Fisher) and AbU+ ("abu+", EK-FAC) use `config.attribution` (as
-launch.attribute) with that preconditioner, whatever the config's own choice.
+launch.attribute) with that preconditioner, whatever the config's own choice. A variant at other
+settings is named `abu@LABEL` or `abu+@LABEL`, its `method_configs` entry holding the blocks of
+`config.attribution` it changes, e.g. {"abu+@jvp": {"sweep": {"method": "jvp"}}}; its results
+live in workdir/attribution@LABEL/ (attribution_plus@LABEL/), beside the plain method's.
 
 Compilation: every retraining compiles the same training step; a persistent XLA cache
 (--compilation_cache, default workdir/evaluation/xla_cache) makes the later ones cache hits.
@@ -107,10 +110,10 @@ def _scorers(config, settings, pipe, apply_fn, arrays, source, base_fp, out_dir,
   out = {}
   for name in settings.methods:
     method_config = dict(settings.method_configs.get(name, {}))
-    if name in runner.METHOD_PRECONDITIONER:
-      abu_settings = runner.AbUSettings.from_config(config.attribution).with_preconditioner(
-          runner.METHOD_PRECONDITIONER[name])
-      abu_out, abu_cache = runner.workdir_dirs(_WORKDIR.value, abu_settings)
+    base_name, _, label = name.partition("@")
+    if base_name in runner.METHOD_PRECONDITIONER:
+      abu_settings = runner.variant_settings(config.attribution, name, method_config)
+      abu_out, abu_cache = runner.workdir_dirs(_WORKDIR.value, abu_settings, label=label)
       abu = runner.AbU(apply_fn, pipe.unet_params, arrays, pipe.schedule, abu_settings, abu_out,
                        cache_dir=abu_cache, mesh=mesh, log=common.log)
 

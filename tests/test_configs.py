@@ -9,7 +9,7 @@ from attrib_jax.models import unet
 
 
 @pytest.mark.parametrize("name, variants", [("tiny", (None, "demo", "smoke", "visual")),
-                                            ("tiny_eval", (None, "smoke")),
+                                            ("tiny_eval", (None, "full", "smoke")),
                                             ("mscoco", (None, "local"))])
 def test_configs_build(name, variants):
   module = importlib.import_module(f"configs.{name}")
@@ -103,3 +103,42 @@ def test_tiny_eval_loads_by_path_from_anywhere(tmp_path, monkeypatch):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   assert module.get_config().world.num_items < 1000
+
+
+def test_tiny_eval_full_meets_the_issue_scale():
+  """configs/tiny_eval.py:full is the decisive evaluation's scale: 60+ queries, three K in
+  0.5-5 % of N, a random floor of 5 draws, 32 LDS subsets, the text and pixel floors, and AbU /
+  AbU+ at SPEC's settings and at the demo's."""
+  from attrib_jax.evaluation import eval_report  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module("configs.tiny_eval").get_config("full")
+  settings = eval_report.EvalSettings.from_config(config.evaluation)
+  n, g = config.world.num_items, config.generate
+  ks = settings.resolve_ks(n)
+  assert len(ks) == 3 and all(0.005 * n <= k <= 0.05 * n for k in ks), (ks, n)
+  assert settings.random_draws >= 5 and settings.lds.num_subsets >= 32
+  assert 5 * g.queries_per_rare_concept + g.num_common_queries >= 60
+  assert {"pixel", "caption", "caption-words", "random"} <= set(settings.methods)
+  demo = importlib.import_module("configs.tiny").get_config().attribution
+  for name, preconditioner in (("abu@demo", "fisher"), ("abu+@demo", "ekfac")):
+    got = runner.variant_settings(config.attribution, name, settings.method_configs[name])
+    assert got == runner.AbUSettings.from_config(demo).with_preconditioner(preconditioner)
+    plain = runner.variant_settings(config.attribution, name.split("@")[0], {})
+    assert plain.sweep.method == "cached" and plain.sweep.min_snr_gamma is None
+    assert got != plain
+
+
+def test_abu_variant_settings_name_what_is_wrong():
+  config = importlib.import_module("configs.tiny").get_config("smoke")
+  got = runner.variant_settings(config.attribution, "abu+@jvp", {"sweep": {"method": "jvp"}})
+  assert got.preconditioner == "ekfac" and got.sweep.method == "jvp"
+  assert got.unlearn == runner.AbUSettings.from_config(config.attribution).unlearn
+  with pytest.raises(ValueError, match="methd"):
+    runner.variant_settings(config.attribution, "abu@x", {"sweep": {"methd": "jvp"}})
+  with pytest.raises(ValueError, match="'swep' is not a block"):
+    runner.variant_settings(config.attribution, "abu@x", {"swep": {"method": "jvp"}})
+  with pytest.raises(ValueError, match="name a variant"):
+    runner.variant_settings(config.attribution, "abu+", {"sweep": {"method": "jvp"}})
+  with pytest.raises(ValueError, match="abu@LABEL"):
+    runner.variant_settings(config.attribution, "abu@", {})
+  assert runner.workdir_dirs("/w", got, label="jvp") == ("/w/attribution_plus@jvp",
+                                                         "/w/attribution")

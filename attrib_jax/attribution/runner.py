@@ -115,10 +115,39 @@ def out_dir_name(settings: AbUSettings) -> str:
   return "attribution" if settings.preconditioner == "fisher" else "attribution_plus"
 
 
-def workdir_dirs(workdir: str, settings: AbUSettings) -> tuple[str, str]:
+def workdir_dirs(workdir: str, settings: AbUSettings, *, label: str = "") -> tuple[str, str]:
   """(out_dir, cache_dir) of a training run's workdir: each method's results in its own
-  directory, the preconditioners and pre losses shared in attribution/."""
-  return (os.path.join(workdir, out_dir_name(settings)), os.path.join(workdir, "attribution"))
+  directory (a variant's `label` appended: attribution_plus@demo/), the preconditioners and pre
+  losses shared in attribution/ (a file there of other settings is set aside, never mixed in)."""
+  out = out_dir_name(settings) + (f"@{label}" if label else "")
+  return os.path.join(workdir, out), os.path.join(workdir, "attribution")
+
+
+def variant_settings(attribution: Any, name: str, overrides: Mapping[str, Any]) -> AbUSettings:
+  """AbU's settings for evaluation method `name` ("abu", "abu+", or either with "@LABEL"):
+  `attribution` (a config's block) with `overrides` merged into its sub-blocks and the name's
+  preconditioner. A key the attribution block does not have is an error naming it."""
+  base_name, _, label = name.partition("@")
+  if base_name not in METHOD_PRECONDITIONER or (name != base_name and not label):
+    raise ValueError(f"evaluation method {name!r}: AbU variants are named abu@LABEL or "
+                     "abu+@LABEL")
+  if overrides and not label:
+    raise ValueError(f"evaluation.method_configs[{name!r}]: the plain {name!r} uses "
+                     f"config.attribution; name a variant ({name}@LABEL) to change it")
+  block = (attribution.to_dict() if hasattr(attribution, "to_dict")
+           else json.loads(json.dumps(dict(attribution))))
+  for section, values in overrides.items():
+    sections = sorted(k for k, v in block.items() if isinstance(v, Mapping))
+    if section not in sections:
+      raise ValueError(f"evaluation.method_configs[{name!r}]: {section!r} is not a block of "
+                       f"config.attribution ({sections})")
+    unknown = sorted(set(values) - set(block[section]))
+    if unknown:
+      raise ValueError(f"evaluation.method_configs[{name!r}][{section!r}]: unknown key(s) "
+                       f"{unknown}; known: {sorted(block[section])}")
+    block[section] = dict(block[section], **values)
+  return AbUSettings.from_config(block).with_preconditioner(
+      METHOD_PRECONDITIONER[base_name])
 
 
 class AbU:

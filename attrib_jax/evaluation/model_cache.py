@@ -307,6 +307,9 @@ def recipe_train_fn(config: ml_collections.ConfigDict, data_workdir: str, *,
   """
   from attrib_jax.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
   train_config = training_config(config)
+  if not keep_checkpoints:
+    with train_config.unlocked():
+      train_config.train.checkpoint_every = 0   # none: see loop.train
 
   def train(excluded: np.ndarray, workdir: str) -> Any:
     link_shared_data(data_workdir, workdir)

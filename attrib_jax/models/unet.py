@@ -379,7 +379,20 @@ def init_unet(config_dict: Mapping[str, Any], rng: Array, *, dtype: Any = jnp.fl
   """
   module = UNet2DConditionModel(UNetConfig.from_diffusers(config_dict), dtype=dtype,
                                 param_dtype=param_dtype)
-  flat = traverse_util.flatten_dict(abstract_params(module))
+  # One program per network: leave-K-out evaluation initialises the same network hundreds of
+  # times in a process, and a fresh closure would be traced and compiled (or loaded) each time.
+  key = (module.config, jnp.dtype(dtype).name, jnp.dtype(param_dtype).name)
+  if key not in _INIT_PROGRAMS:
+    _INIT_PROGRAMS[key] = _init_program(traverse_util.flatten_dict(abstract_params(module)))
+  return module, _INIT_PROGRAMS[key](rng)
+
+
+_INIT_PROGRAMS: dict = {}
+_ABSTRACT_PARAMS: dict = {}
+
+
+def _init_program(flat: Mapping[tuple[str, ...], Any]):
+  """The jitted initialiser of `init_unet` for a flattened abstract parameter tree."""
 
   @jax.jit
   def init(rng):
@@ -404,12 +417,17 @@ def init_unet(config_dict: Mapping[str, Any], rng: Array, *, dtype: Any = jnp.fl
       out[path] = value.astype(leaf.dtype)
     return traverse_util.unflatten_dict(out)
 
-  return module, init(rng)
+  return init
 
 
 def abstract_params(module: UNet2DConditionModel) -> dict:
-  """The parameter tree's shapes and dtypes, without allocating it."""
-  return jax.eval_shape(module.init, jax.random.key(0), *dummy_inputs(module.config))["params"]
+  """The parameter tree's shapes and dtypes, without allocating it (traced once per network:
+  shape structs are immutable, so the tree is shared)."""
+  key = (module.config, jnp.dtype(module.dtype).name, jnp.dtype(module.param_dtype).name)
+  if key not in _ABSTRACT_PARAMS:
+    _ABSTRACT_PARAMS[key] = jax.eval_shape(module.init, jax.random.key(0),
+                                           *dummy_inputs(module.config))["params"]
+  return _ABSTRACT_PARAMS[key]
 
 
 def load_unet(directory: str | os.PathLike, *, dtype: Any = jnp.float32,

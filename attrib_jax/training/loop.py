@@ -142,8 +142,11 @@ def train(*, arrays: dict, apply_fn: Callable, init_params: Any, schedule: Any,
   # Replicated over the mesh before a restore, so that Orbax restores onto the mesh: with
   # several processes, a state on one local device would be each process's own.
   state = parallel.replicate(jax.device_get(state), mesh)
-  manager = _checkpoint_manager(os.path.join(workdir, "checkpoints"), s.keep_checkpoints)
-  if manager.latest_step() is not None:
+  # checkpoint_every=0: no checkpoints at all (leave-K-out retrainings of seconds, where the
+  # final save would cost more than rerunning an interrupted one).
+  manager = (_checkpoint_manager(os.path.join(workdir, "checkpoints"), s.keep_checkpoints)
+             if s.checkpoint_every else None)
+  if manager is not None and manager.latest_step() is not None:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     state = _restore(manager, abstract)
     log(f"train: resumed from step {int(state.step)} in {workdir}")
@@ -172,8 +175,9 @@ def train(*, arrays: dict, apply_fn: Callable, init_params: Any, schedule: Any,
     if sample_fn is not None and s.sample_every and (done % s.sample_every == 0
                                                       or done == num_steps):
       sample_fn(state.ema_params if state.ema_params is not None else state.params, done)
-    if done % s.checkpoint_every == 0 or done == last:
+    if manager is not None and (done % s.checkpoint_every == 0 or done == last):
       manager.save(done, args=ocp.args.StandardSave(state))
-  manager.wait_until_finished()
-  manager.close()
+  if manager is not None:
+    manager.wait_until_finished()
+    manager.close()
   return state
