@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+import param_checks
 from attrib_jax import parallel
 from attrib_jax.evaluation import counterfactual as cf
 from attrib_jax.evaluation import grouped_retrain
@@ -153,23 +154,16 @@ def _smoke_config():
   return module.get_config("smoke")
 
 
-def _noise_only(path) -> bool:
-  """A key projection's bias: q·b adds the same logit to every key, so its gradient is zero in
-  exact arithmetic and its trained value is rounding noise that Adam turns into steps of the
-  learning rate. Two correct runs agree on it only at the weights' scale, not its own."""
-  return tuple(path[-2:]) in (("k_proj", "bias"), ("to_k", "bias"))
-
-
 def _relative_at_scale(a, b):
   """(largest ||x - y|| / ||y|| over the leaves that learn, largest |x - y| / the weights'
   largest |w| over the noise-only leaves)."""
   fa, fb = traverse_util.flatten_dict(a), traverse_util.flatten_dict(b)
   assert fa.keys() == fb.keys()
-  scale = max(float(np.abs(np.asarray(v)).max()) for v in fb.values())
+  scale = param_checks.weights_scale(fb)
   learn, noise = 0.0, 0.0
   for k in fb:
     x, y = np.asarray(fa[k], np.float64), np.asarray(fb[k], np.float64)
-    if _noise_only(k):
+    if param_checks.noise_only(k):
       noise = max(noise, float(np.abs(x - y).max()) / scale)
     else:
       learn = max(learn, float(np.linalg.norm(x - y) / np.linalg.norm(y)) if np.any(y)
@@ -180,7 +174,7 @@ def _relative_at_scale(a, b):
 def test_model_cache_trains_groups_that_recipe_run_reuses(tmp_path):
   """Through `ModelCache.prefetch`: 2 models in a group of 3 (padded), written so that
   `recipe_train_fn` only loads them, each within 1e-5 of the same model trained by recipe.run
-  (key biases, rounding noise by construction, at the weights' scale: `_noise_only`),
+  (key biases, rounding noise by construction, at the weights' scale: `param_checks.noise_only`),
   and a model does not depend on its companions or its place in the group."""
   config = _smoke_config()
   data_dir = str(tmp_path / "data")
