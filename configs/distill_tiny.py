@@ -47,7 +47,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       stages=("queries", "teacher", "test", "train", "index", "eval"),
       num_train_queries=6 if smoke else 300,
       num_candidates=16 if smoke else 50,
-      candidates_by="image",         # or "image_text": nearest by image ⊕ text feature
+      candidates_by="image",         # "image_text": nearest by image ⊕ text feature;
+                                     # "caption-words": the top by the words baseline
       query_seed=19,                 # the training queries' scene stream and sampling seeds
       prompts=(),                    # other worlds: the training queries' prompts
       features=dict(layer="mid_block", timestep=100, pool="flatten"),

@@ -118,6 +118,10 @@ def main(argv):
                f"{time.time() - t0:.1f}s")
   image_dim = item_features.shape[1] - arrays["text_states"].shape[-1]
 
+  def item_captions() -> list:
+    source = recipe.open_dataset(config, os.path.join(workdir, "tfds"))
+    return source.get_items(np.asarray(arrays["index"]))[1]
+
   # Stage "queries": the training queries, generated from fresh prompts.
   train_root = os.path.join(out, "train_queries")
   prompts = training_prompts(config, {q.info.get("prompt") for q in test_queries})
@@ -144,14 +148,20 @@ def main(argv):
   # Stage "teacher": AbU+ over each training query's candidates.
   teacher_root = os.path.join(out, "teacher")
   os.makedirs(teacher_root, exist_ok=True)
+  candidates_by = d.get("candidates_by", "image")
   if "teacher" in d.stages:
     t0 = time.time()
     eta = common.Eta("teacher", len(names))
+    words = None
+    if candidates_by == "caption-words":
+      words = baselines.make_method("caption-words")
+      context = baselines.Context(arrays=arrays, captions=item_captions())
     for i, name in enumerate(names):
       query = generation.load_query(os.path.join(train_root, name))
       q_feature = featurizer.queries([query])[0]
-      rows = teacher_lib.candidate_rows(q_feature, item_features, d.num_candidates, image_dim,
-                                        by=d.get("candidates_by", "image"))
+      rows = teacher_lib.candidate_rows(
+          q_feature, item_features, d.num_candidates, image_dim, by=candidates_by,
+          word_scores=None if words is None else words.score(query, context))
       path = os.path.join(teacher_root, name + ".npz")
       kept = os.path.exists(path)   # reused when of this model and these candidates
       teacher_lib.score_candidates(abu, query, rows, path, log=common.log)
@@ -233,9 +243,7 @@ def main(argv):
     rankings["features (untuned input)"] = list(np.argsort(-untuned, axis=1, kind="stable"))
     image_only = q_features[:, :image_dim] @ item_features[:, :image_dim].T
     rankings["unet image features"] = list(np.argsort(-image_only, axis=1, kind="stable"))
-    source = recipe.open_dataset(config, os.path.join(workdir, "tfds"))
-    _, captions, _ = source.get_items(np.asarray(arrays["index"]))
-    context = baselines.Context(arrays=arrays, captions=captions)
+    context = baselines.Context(arrays=arrays, captions=item_captions())
     for method_name in ("caption", "caption-words"):
       method = baselines.make_method(method_name)
       rankings[method_name] = [np.argsort(-method.score(q, context), kind="stable")

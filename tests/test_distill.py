@@ -93,6 +93,13 @@ def test_candidate_rows_by_image_or_by_image_and_text():
   np.testing.assert_array_equal(teacher.candidate_rows(query, items, 4, 2), [0, 1, 2, 3])
   np.testing.assert_array_equal(teacher.candidate_rows(query, items, 4, 2, by="image_text"),
                                 [4, 5, 6, 7])
+  # By caption words: the top of the given scores whatever the features say, ties by row.
+  words = np.array([0.0, 3.0, 0.0, 1.0, 3.0, 0.0, 2.0, 0.0])
+  np.testing.assert_array_equal(
+      teacher.candidate_rows(query, items, 3, 2, by="caption-words", word_scores=words),
+      [1, 4, 6])
+  with pytest.raises(ValueError, match="caption-words score of each of the 8 rows"):
+    teacher.candidate_rows(query, items, 3, 2, by="caption-words")
   with pytest.raises(ValueError, match="candidates_by"):
     teacher.candidate_rows(query, items, 4, 2, by="text")
   with pytest.raises(ValueError, match="num_candidates"):
@@ -216,3 +223,29 @@ def test_launch_distill_smoke(smoke_workdir):
   log = _launch("launch.distill", workdir)
   assert "queries: 6 of 6 training queries kept, 0 to generate" in log, log[-2000:]
   assert "reusing" in log and "student: epoch" not in log and "unlearn" not in log, log[-3000:]
+
+
+def test_launch_distill_candidates_by_caption_words(smoke_workdir):
+  """The teacher's candidates from the caption-words baseline: each training query's teacher
+  file holds exactly the top `num_candidates` rows by that baseline's scores."""
+  import os
+  from attrib_jax import baselines  # pylint: disable=g-import-not-at-top
+  from attrib_jax import generation  # pylint: disable=g-import-not-at-top
+  from attrib_jax.data import precompute  # pylint: disable=g-import-not-at-top
+  from attrib_jax.training import recipe  # pylint: disable=g-import-not-at-top
+  from configs import distill_tiny  # pylint: disable=g-import-not-at-top
+  workdir = smoke_workdir
+  _launch("launch.distill", workdir, "--config.distill.candidates_by=caption-words",
+          "--config.distill.stages=('queries','teacher')")
+  config = distill_tiny.get_config("smoke")
+  arrays = precompute.load(os.path.join(workdir, "precomputed"))
+  source = recipe.open_dataset(config, os.path.join(workdir, "tfds"))
+  context = baselines.Context(arrays=arrays,
+                              captions=source.get_items(np.asarray(arrays["index"]))[1])
+  words = baselines.make_method("caption-words")
+  out = os.path.join(workdir, "distill")
+  for name in ("train_00000", "train_00003"):
+    query = generation.load_query(os.path.join(out, "train_queries", name))
+    want = np.sort(np.argsort(-words.score(query, context), kind="stable")[:16])
+    got = np.load(os.path.join(out, "teacher", name + ".npz"))["ranked_rows"]
+    np.testing.assert_array_equal(np.sort(got), want)

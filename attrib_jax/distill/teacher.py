@@ -82,22 +82,31 @@ class Featurizer:
     return np.concatenate([image, text], axis=1).astype(np.float32)
 
 
-CANDIDATES_BY = ("image", "image_text")
+CANDIDATES_BY = ("image", "image_text", "caption-words")
 
 
 def candidate_rows(query_feature: np.ndarray, item_features: np.ndarray, count: int,
-                   image_dim: int, by: str = "image") -> np.ndarray:
+                   image_dim: int, by: str = "image",
+                   word_scores: np.ndarray | None = None) -> np.ndarray:
   """The `count` rows nearest the query, ascending by row so the sweep reads them in storage
   order. by="image": by the image feature alone (the paper's DINO neighbours); "image_text":
-  by the whole image ⊕ text feature (both halves unit length, so each counts alike), for a
-  teacher whose top items are often near the query in caption rather than in pixels."""
+  by the whole image ⊕ text feature (both halves unit length, so each counts alike);
+  "caption-words": the top `count` of `word_scores` (the caption-words baseline's scores of
+  every row for this query), for a world whose teacher's top items share the query's words
+  more often than its looks (docs/fastgda.md)."""
   if not 1 <= count <= item_features.shape[0]:
     raise ValueError(f"distill.num_candidates = {count} must lie in [1, "
                      f"{item_features.shape[0]}] (the training set's size)")
   if by not in CANDIDATES_BY:
     raise ValueError(f"distill.candidates_by must be one of {CANDIDATES_BY}, got {by!r}")
-  width = image_dim if by == "image" else item_features.shape[1]
-  sims = item_features[:, :width] @ query_feature[:width]
+  if by == "caption-words":
+    if word_scores is None or np.shape(word_scores) != (item_features.shape[0],):
+      raise ValueError("distill.candidates_by='caption-words' needs the query's caption-words "
+                       f"score of each of the {item_features.shape[0]} rows")
+    sims = np.asarray(word_scores, np.float64)
+  else:
+    width = image_dim if by == "image" else item_features.shape[1]
+    sims = item_features[:, :width] @ query_feature[:width]
   return np.sort(np.argsort(-sims, kind="stable")[:count])
 
 
