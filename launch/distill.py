@@ -163,7 +163,7 @@ def main(argv):
           q_feature, item_features, d.num_candidates, image_dim, by=candidates_by,
           word_scores=None if words is None else words.score(query, context))
       path = os.path.join(teacher_root, name + ".npz")
-      kept = os.path.exists(path)   # reused when of this model and these candidates
+      kept = teacher_lib.is_current(path, abu.model_fingerprint, rows)
       teacher_lib.score_candidates(abu, query, rows, path, log=common.log)
       eta(i + 1, f"training queries ({name}, {rows.size} candidates)", reused=kept)
     timings["teacher"] = time.time() - t0

@@ -110,15 +110,23 @@ def candidate_rows(query_feature: np.ndarray, item_features: np.ndarray, count: 
   return np.sort(np.argsort(-sims, kind="stable")[:count])
 
 
+def is_current(path: str, model_fingerprint: str, rows: np.ndarray) -> bool:
+  """Whether `path` holds the teacher's ranking of exactly `rows` by this model."""
+  if not os.path.exists(path):
+    return False
+  with np.load(path) as done:
+    return (str(done["model"]) == model_fingerprint
+            and np.array_equal(np.sort(done["ranked_rows"]), rows))
+
+
 def score_candidates(abu: Any, query: generation.Query, rows: np.ndarray, path: str,
                      log: Callable[[str], None] = print) -> dict:
   """AbU over the candidate `rows` only; writes `path` (npz: rows ranked most influential first,
   their τ, the model fingerprint) atomically and returns it. An existing file is reused."""
-  if os.path.exists(path):
+  if is_current(path, abu.model_fingerprint, rows):
     with np.load(path) as done:
-      if (str(done["model"]) == abu.model_fingerprint
-          and np.array_equal(np.sort(done["ranked_rows"]), rows)):
-        return {k: done[k] for k in done.files}
+      return {k: done[k] for k in done.files}
+  if os.path.exists(path):
     log(f"teacher: {path} is of another model or candidate set; recomputing")
   params_after = abu.unlearn(query)
   pre = abu.pre_slot_losses           # None unless sweep.method == "cached"
