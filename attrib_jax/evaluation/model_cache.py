@@ -302,18 +302,16 @@ def recipe_train_fn(config: ml_collections.ConfigDict, data_workdir: str, *,
 
   The workdir's dataset and precomputed arrays are links to `data_workdir`'s (the base run,
   whose precompute fingerprint includes `config.seed`, so a retraining with another seed needs
-  a data workdir of its own: see `prepare_data_workdir`). Training checkpoints are deleted once
-  the model is written unless `keep_checkpoints`.
+  a data workdir of its own: see `prepare_data_workdir`). No training checkpoints are written
+  (and the run's train/ folder is deleted once the model is) unless `keep_checkpoints`.
   """
   from attrib_jax.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
   train_config = training_config(config)
-  if not keep_checkpoints:
-    with train_config.unlocked():
-      train_config.train.checkpoint_every = 0   # none: see loop.train
 
   def train(excluded: np.ndarray, workdir: str) -> Any:
     link_shared_data(data_workdir, workdir)
-    model_dir = recipe.run(train_config, workdir, excluded=excluded, log=log)
+    model_dir = recipe.run(train_config, workdir, excluded=excluded, log=log,
+                           checkpoints=keep_checkpoints)
     if not keep_checkpoints:
       shutil.rmtree(os.path.join(workdir, "train"), ignore_errors=True)
     _, params, _ = unet_lib.load_unet(os.path.join(model_dir, "unet"))

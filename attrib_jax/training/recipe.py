@@ -11,6 +11,7 @@ a second run reuses the trained model and an interrupted one resumes:
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -316,8 +317,13 @@ def _build_prepared(config: ml_collections.ConfigDict, workdir: str, log=print):
   return source, precompute.load(pre_dir), model_dir
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *, excluded=(), log=print) -> str:
-  """Trains the config's model in `workdir` (or reuses it); returns the model directory."""
+def run(config: ml_collections.ConfigDict, workdir: str, *, excluded=(), log=print,
+        checkpoints: bool = True) -> str:
+  """Trains the config's model in `workdir` (or reuses it); returns the model directory.
+
+  `checkpoints=False`: no training checkpoints at all (leave-K-out retrainings, where the
+  final save would cost more than rerunning an interrupted one); the weights are the same,
+  and so is the model's fingerprint."""
   unknown = sorted(set(config.train) - TRAIN_KEYS)
   if unknown:
     raise ValueError(f"config.train: unknown setting(s) {unknown}; known: {sorted(TRAIN_KEYS)}")
@@ -356,12 +362,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, excluded=(), log=pri
   unet, init_params = unet_lib.init_unet(unet_config, jax.random.key(config.seed))
   apply_fn = lambda p, x, ts, c: unet.apply({"params": p}, x, ts, c)
   schedule = pipeline_lib.schedules.NoiseSchedule.from_config(config.scheduler.to_dict())
+  settings_for_loop = loop.TrainSettings.from_config(config)
+  if not checkpoints:
+    settings_for_loop = dataclasses.replace(settings_for_loop, checkpoint_every=0)
   sample_fn = None
   if t.sample_every:
     sample_fn = _grid_writer(config, model_dir, arrays, apply_fn, schedule, workdir, mesh)
   state = loop.train(
       arrays=arrays, apply_fn=apply_fn, init_params=init_params, schedule=schedule,
-      workdir=os.path.join(workdir, "train"), settings=loop.TrainSettings.from_config(config),
+      workdir=os.path.join(workdir, "train"), settings=settings_for_loop,
       excluded=excluded, sample_fn=sample_fn, mesh=mesh, log=log,
       # The step depends on the network and noise schedule only through these two configs.
       model_key=json.dumps({"unet": unet_config, "scheduler": config.scheduler.to_dict()},
