@@ -164,7 +164,8 @@ def main(argv):
           word_scores=None if words is None else words.score(query, context))
       path = os.path.join(teacher_root, name + ".npz")
       kept = teacher_lib.is_current(path, abu.model_fingerprint, rows)
-      teacher_lib.score_candidates(abu, query, rows, path, log=common.log)
+      if not kept:   # the stage only writes files; a current one need not be read again
+        teacher_lib.score_candidates(abu, query, rows, path, log=common.log)
       eta(i + 1, f"training queries ({name}, {rows.size} candidates)", reused=kept)
     timings["teacher"] = time.time() - t0
 
