@@ -128,7 +128,8 @@ def main(argv):
   arrays = precompute.load(os.path.join(workdir, "precomputed"))
   index = np.asarray(arrays["index"]).astype(np.int64)
   world = tiny_world.generate_world(w.seed, w.num_items, w.resolution, rare_count=w.rare_count,
-                                    patterns=tuple(w.patterns), rare_style=w.rare_style)
+                                    patterns=tuple(w.patterns), rare_style=w.rare_style,
+                                    two_object_fraction=w.get("two_object_fraction", 0.0))
   # The regenerated world must be the one the model was trained on, item for item.
   source = recipe.open_dataset(config, os.path.join(workdir, "tfds"))
   images, captions, _ = source.get_items(index)

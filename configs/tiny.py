@@ -5,6 +5,9 @@ r"""The embedded default: a tiny text-to-image world, made, trained and sampled 
   # seconds-long smoke variant (tests, CI):
   python -m launch.train --config=configs/tiny.py:smoke --workdir=/tmp/smoke
 
+Other variants: demo (`make demo`), visual (planted concepts text cannot find), two_objects
+(local attribution); each is described by its function below.
+
 The world (`attrib_jax.data.tiny_world`) is procedurally generated from `world.seed`: coloured
 shapes with compositional captions and a few planted rare concepts.
 
@@ -25,9 +28,9 @@ import ml_collections
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "default"
-  if variant not in ("default", "demo", "smoke", "visual"):
+  if variant not in ("default", "demo", "smoke", "visual", "two_objects"):
     raise ValueError(f"configs/tiny.py: unknown variant {variant!r} (default, demo, smoke, "
-                     "visual)")
+                     "visual, two_objects)")
   smoke = variant == "smoke"
   c = ml_collections.ConfigDict()
   c.name = f"tiny-{variant}"
@@ -111,10 +114,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                  num_captions=3,
                  flips=(0,), seed=0, method="jvp", items_per_device=8, noise="per_item")))
   c.attribution_top_k = 10
-  if variant in ("demo", "visual"):
+  if variant in ("demo", "visual", "two_objects"):
     _demo(c)
   if variant == "visual":
     _visual(c)
+  if variant == "two_objects":
+    _two_objects(c)
   return c
 
 
@@ -139,3 +144,15 @@ def _visual(c: ml_collections.ConfigDict) -> None:
   c.world.rare_style = "visual"
   c.train.num_steps = 7000
   c.generate.queries_per_rare_concept = 24
+
+
+def _two_objects(c: ml_collections.ConfigDict) -> None:
+  """Local attribution's world (benchmarks/local_attribution.py), on the demo's recipe.
+
+  A third of the items show two objects, so the model learns which words belong to which part
+  of the image; the demo's single-object items never show it that. Two-object captions run to
+  about 24 tokens, so the tokenizer takes 32 (16 would cut the second object's words).
+  """
+  c.world.two_object_fraction = 1 / 3
+  c.tokenizer_max_length = 32
+  c.train.num_steps = 7000

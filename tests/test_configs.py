@@ -8,7 +8,8 @@ from attrib_jax.diffusion import NoiseSchedule
 from attrib_jax.models import unet
 
 
-@pytest.mark.parametrize("name, variants", [("tiny", (None, "demo", "smoke", "visual")),
+@pytest.mark.parametrize("name, variants", [("tiny", (None, "demo", "smoke", "visual",
+                                                      "two_objects")),
                                             ("tiny_eval", (None, "full", "smoke")),
                                             ("mscoco", (None, "local"))])
 def test_configs_build(name, variants):

@@ -172,7 +172,9 @@ def open_dataset(config: ml_collections.ConfigDict, data_dir: str) -> DatasetSou
     builder = builder_class(data_dir=data_dir, config=tiny_world.config(
         seed=w.seed, num_items=w.num_items, resolution=w.resolution, rare_count=w.rare_count,
         **({"patterns": tuple(w.patterns)} if "patterns" in w else {}),
-        **({"rare_style": w.rare_style} if "rare_style" in w else {})))
+        **({"rare_style": w.rare_style} if "rare_style" in w else {}),
+        **({"two_object_fraction": float(w.two_object_fraction)}
+           if "two_object_fraction" in w else {})))
     metadata = lambda b: {"rare_concepts": tiny_world.rare_concepts_of(b)}
   elif kind == "image_folder":
     from attrib_jax.data import image_folder  # pylint: disable=g-import-not-at-top
