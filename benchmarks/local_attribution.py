@@ -5,14 +5,16 @@ Queries are real two-object scenes of the tiny world (`tiny_world.sample_scene(t
 True)`, rendered and captioned by the world itself, never seen in training), made into queries
 by the pixel codec (`generation.query_from_image`). Objects A and B of a scene differ in colour
 and in shape. Each scene is attributed by the config's method (AbU+ on the tiny default) for
-region A (A's bounding box) and region B (and the whole image with --whole). For a region, the score
-is the AUC of the items showing its own object against the items showing the other one
-(P(τ of a random own item > τ of a random other item); 0.5 is chance, 1 a perfect split): an
-item shows an object when one of its objects has the object's colour and shape ("colour and
+region A (A's bounding box) and region B (and the whole image with --whole). For a region,
+the score is the AUC of the items showing its own object against the items showing the other
+one (P(τ of a random own item > τ of a random other item); 0.5 is chance, 1 a perfect split):
+an item shows an object when one of its objects has the object's colour and shape ("colour and
 shape" columns) or its colour ("colour" columns; a weaker, larger set). The whole image's AUC
-(--whole) is of A's items over B's, for reference. The region effect, AUC(region A) + AUC(region B) - 1,
-is how far the region moves the ranking towards its own object: AUC(A over B) under region A
-minus the same under region B; 0 when the region does not matter (whatever the text does).
+(--whole) is of A's items over B's, for reference; --swapped attributes the whole image again
+with the prompt naming B first, which shows how much the word order alone decides. The region
+effect, AUC(region A) + AUC(region B) - 1, is how far the region moves the ranking towards its
+own object: AUC(A over B) under region A minus the same under region B; 0 when the region does
+not matter (whatever the text does).
 "A−B contrast" is a diagnostic, not a method (it uses both regions): the AUC of A's items
 over B's by the difference of the two regions' z-scored τ, which cancels what the rankings
 share (the prompt's words) and keeps what the region adds.
@@ -51,6 +53,11 @@ _NUM_SCENES = flags.DEFINE_integer("num_scenes", 12, "Two-object scenes to attri
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the scenes.")
 _WHOLE = flags.DEFINE_bool("whole", False, "Also attribute each whole scene (the reference "
                             "column; half again the time).")
+_SWAPPED = flags.DEFINE_bool("swapped", False, "Also attribute each whole scene captioned with "
+                              "its objects named in the other order (B first): does word order, "
+                              "rather than the image, decide which object's items rank first?")
+_PROMPT = flags.DEFINE_enum("prompt", "caption", ["caption", "empty"], "The queries' prompt: "
+                            "the scene's caption, or the empty prompt (the image alone decides)")
 _MIN_ITEMS = flags.DEFINE_integer("min_items", 3, "Each object's colour and shape must be shown "
                                   "by at least this many training items.")
 flags.mark_flags_as_required(["config", "workdir", "out"])
@@ -122,6 +129,8 @@ def main(argv):
   common.start()
   config, workdir, out = _CONFIG.value, _WORKDIR.value, _OUT.value
   w = config.world
+  if _SWAPPED.value and _PROMPT.value == "empty":
+    raise ValueError("--swapped reorders the caption's objects: it needs --prompt=caption")
   if w.kind != "tiny_world":
     raise ValueError("this benchmark needs a tiny_world config (its scenes' metadata)")
   pipe = common.load_trained_pipeline(workdir)
@@ -146,7 +155,7 @@ def main(argv):
   for s, scene in enumerate(draw_scenes(_SEED.value, _NUM_SCENES.value, item_scenes,
                                         _MIN_ITEMS.value, tuple(w.patterns))):
     image = tiny_world.render_scene(scene, w.resolution)
-    prompt = fitting_prompt(pipe.tokenizer, scene)
+    prompt = fitting_prompt(pipe.tokenizer, scene) if _PROMPT.value == "caption" else ""
     query = generation.query_from_image(pipe, image, prompt)
     a, b = scene["objects"]
     boxes = {"A": object_box(a, w.resolution), "B": object_box(b, w.resolution)}
@@ -157,6 +166,11 @@ def main(argv):
     tau = {"A": abu.score(query, name, boxes["A"])["scores"],
            "B": abu.score(query, name, boxes["B"])["scores"]}
     tau["whole"] = abu.score(query, name)["scores"] if _WHOLE.value else None
+    tau["swapped"] = None
+    if _SWAPPED.value:
+      swapped = generation.query_from_image(
+          pipe, image, fitting_prompt(pipe.tokenizer, dict(scene, objects=[b, a])))
+      tau["swapped"] = abu.score(swapped, f"{name}_swapped")["scores"]
     row = {"scene": s, "prompt": prompt, "A": f"{a['colour']} {a['shape']}",
            "B": f"{b['colour']} {b['shape']}", "box_A": boxes["A"].as_list(),
            "box_B": boxes["B"].as_list()}
@@ -176,6 +190,8 @@ def main(argv):
       row[f"contrast_{kind}"] = auc(z(tau["A"]) - z(tau["B"]), own_a, own_b)
       row[f"auc_whole_{kind}"] = (auc(tau["whole"], own_a, own_b) if _WHOLE.value
                                   else float("nan"))
+      row[f"auc_swapped_{kind}"] = (auc(tau["swapped"], own_a, own_b) if _SWAPPED.value
+                                    else float("nan"))
       for k, r in boxes.items():
         crop = lambda x: x[..., r.y0:r.y1, r.x0:r.x1, :].astype(np.float32)
         pixel = -np.square(crop(images) - crop(image)[None]).sum(axis=(1, 2, 3))
@@ -190,15 +206,16 @@ def main(argv):
            f"items; AUC of items showing the region's object over items showing the other; "
            "0.5 = chance)", "",
            "| scene | object A | object B | items A / B | region A | region B | whole (A over B) "
-           "| region effect | A−B contrast | region A, colour | region B, colour "
-           "| pixel NN A / B |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| whole, B named first (A over B) | region effect | A−B contrast | region A, colour "
+           "| region B, colour | pixel NN A / B |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   whole = lambda v: "–" if np.isnan(v) else f"{v:.2f}"   # not run without --whole
   for r in rows:
     n = r["n_colour+shape"]
     lines.append(f"| {r['scene']} | {r['A']} | {r['B']} | {n[0]} / {n[1]} "
                  f"| {r['auc_A_colour+shape']:.2f} | {r['auc_B_colour+shape']:.2f} "
-                 f"| {whole(r['auc_whole_colour+shape'])} | {r['effect_colour+shape']:+.2f} "
+                 f"| {whole(r['auc_whole_colour+shape'])} "
+                 f"| {whole(r['auc_swapped_colour+shape'])} | {r['effect_colour+shape']:+.2f} "
                  f"| {r['contrast_colour+shape']:.2f} "
                  f"| {r['auc_A_colour']:.2f} "
                  f"| {r['auc_B_colour']:.2f} | {r['pixel_auc_A_colour+shape']:.2f} / "
@@ -212,6 +229,7 @@ def main(argv):
   lines += [f"| **mean ± s.e.** | | | | {mean_se('auc_A_colour+shape')} "
             f"| {mean_se('auc_B_colour+shape')} "
             f"| {mean_se('auc_whole_colour+shape') if _WHOLE.value else '–'} "
+            f"| {mean_se('auc_swapped_colour+shape') if _SWAPPED.value else '–'} "
             f"| {mean_se('effect_colour+shape')} | {mean_se('contrast_colour+shape')} "
             f"| {mean_se('auc_A_colour')} | {mean_se('auc_B_colour')} "
             f"| {mean_se(('pixel_auc_A_colour+shape', 'pixel_auc_B_colour+shape'))} |", "",
