@@ -92,9 +92,7 @@ def main():
   images, captions, got = source.get_items(index)
   assert (got == index).all()
   w = config.world
-  world = tw.generate_world(w.seed, w.num_items, w.resolution, rare_count=w.rare_count,
-                            patterns=tuple(w.patterns), rare_style=w.rare_style,
-                                    two_object_fraction=w.get("two_object_fraction", 0.0))
+  world = tw.generate_world(**recipe.tiny_world_settings(w))
   if not np.array_equal(world.images, images):
     raise ValueError("the regenerated world differs from the workdir's dataset")
   tokenizer = tokenizer_lib.load_tokenizer(os.path.join(a.workdir, "model", "tokenizer"))

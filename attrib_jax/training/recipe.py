@@ -162,6 +162,21 @@ def dataset_version(config: ml_collections.ConfigDict) -> str:
   return version
 
 
+def tiny_world_settings(world: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The `world` block of a tiny_world config as keyword arguments of `tiny_world.config` and
+  `tiny_world.generate_world` (keys the block leaves out keep the generator's defaults), so a
+  benchmark regenerates exactly the world the dataset was built from."""
+  settings = dict(seed=world.seed, num_items=world.num_items, resolution=world.resolution,
+                  rare_count=world.rare_count)
+  if "patterns" in world:
+    settings["patterns"] = tuple(world.patterns)
+  if "rare_style" in world:
+    settings["rare_style"] = world.rare_style
+  if "two_object_fraction" in world:
+    settings["two_object_fraction"] = float(world.two_object_fraction)
+  return settings
+
+
 def open_dataset(config: ml_collections.ConfigDict, data_dir: str) -> DatasetSource:
   """Builds (once) and opens the config's TFDS dataset for random access."""
   kind = config.world.kind
@@ -169,12 +184,8 @@ def open_dataset(config: ml_collections.ConfigDict, data_dir: str) -> DatasetSou
   if kind == "tiny_world":
     from attrib_jax.data import tiny_world  # pylint: disable=g-import-not-at-top
     w = config.world
-    builder = builder_class(data_dir=data_dir, config=tiny_world.config(
-        seed=w.seed, num_items=w.num_items, resolution=w.resolution, rare_count=w.rare_count,
-        **({"patterns": tuple(w.patterns)} if "patterns" in w else {}),
-        **({"rare_style": w.rare_style} if "rare_style" in w else {}),
-        **({"two_object_fraction": float(w.two_object_fraction)}
-           if "two_object_fraction" in w else {})))
+    builder = builder_class(data_dir=data_dir,
+                            config=tiny_world.config(**tiny_world_settings(config.world)))
     metadata = lambda b: {"rare_concepts": tiny_world.rare_concepts_of(b)}
   elif kind == "image_folder":
     from attrib_jax.data import image_folder  # pylint: disable=g-import-not-at-top
