@@ -18,6 +18,9 @@ not matter (whatever the text does).
 "A−B contrast" is a diagnostic, not a method (it uses both regions): the AUC of A's items
 over B's by the difference of the two regions' z-scored τ, which cancels what the rankings
 share (the prompt's words) and keeps what the region adds.
+Text-only baselines: `caption` and `caption-words` rank items by the prompt alone, so they
+give one AUC of A's items over B's whatever the region ("text (A over B)"): how far the words
+by themselves favour one object.
 Beside each: the same AUC for pixel-space nearest neighbours inside the region (negative
 squared distance of the query's crop to each item's same crop), a baseline that sees only
 pixels.
@@ -37,6 +40,7 @@ from absl import flags
 import numpy as np
 from ml_collections import config_flags
 
+from attrib_jax import baselines
 from attrib_jax import generation
 from attrib_jax import io_utils
 from attrib_jax.attribution import region as region_lib
@@ -136,15 +140,15 @@ def main(argv):
   pipe = common.load_trained_pipeline(workdir)
   arrays = precompute.load(os.path.join(workdir, "precomputed"))
   index = np.asarray(arrays["index"]).astype(np.int64)
-  world = tiny_world.generate_world(w.seed, w.num_items, w.resolution, rare_count=w.rare_count,
-                                    patterns=tuple(w.patterns), rare_style=w.rare_style,
-                                    two_object_fraction=w.get("two_object_fraction", 0.0))
+  world = tiny_world.generate_world(**recipe.tiny_world_settings(w))
   # The regenerated world must be the one the model was trained on, item for item.
   source = recipe.open_dataset(config, os.path.join(workdir, "tfds"))
   images, captions, _ = source.get_items(index)
   if [list(c) for c in captions] != [world.captions[i] for i in index]:
     raise ValueError("the regenerated tiny world's captions differ from the dataset's")
   item_scenes = [world.attributes[i] for i in index]
+  context = baselines.Context(arrays=arrays, captions=captions)
+  text_methods = {name: baselines.make_method(name) for name in ("caption", "caption-words")}
   settings = runner.AbUSettings.from_config(config.attribution)
   abu = runner.AbU(pipe.apply_unet, pipe.unet_params, arrays, pipe.schedule, settings,
                    os.path.join(out, runner.out_dir_name(settings)),
@@ -171,6 +175,7 @@ def main(argv):
       swapped = generation.query_from_image(
           pipe, image, fitting_prompt(pipe.tokenizer, dict(scene, objects=[b, a])))
       tau["swapped"] = abu.score(swapped, f"{name}_swapped")["scores"]
+    text = {name: m.score(query, context) for name, m in text_methods.items()}
     row = {"scene": s, "prompt": prompt, "A": f"{a['colour']} {a['shape']}",
            "B": f"{b['colour']} {b['shape']}", "box_A": boxes["A"].as_list(),
            "box_B": boxes["B"].as_list()}
@@ -192,6 +197,8 @@ def main(argv):
                                   else float("nan"))
       row[f"auc_swapped_{kind}"] = (auc(tau["swapped"], own_a, own_b) if _SWAPPED.value
                                     else float("nan"))
+      for name, scores in text.items():
+        row[f"{name}_auc_{kind}"] = auc(scores, own_a, own_b)
       for k, r in boxes.items():
         crop = lambda x: x[..., r.y0:r.y1, r.x0:r.x1, :].astype(np.float32)
         pixel = -np.square(crop(images) - crop(image)[None]).sum(axis=(1, 2, 3))
@@ -207,8 +214,8 @@ def main(argv):
            "0.5 = chance)", "",
            "| scene | object A | object B | items A / B | region A | region B | whole (A over B) "
            "| whole, B named first (A over B) | region effect | A−B contrast | region A, colour "
-           "| region B, colour | pixel NN A / B |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| region B, colour | pixel NN A / B | text (A over B): caption / caption-words |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   whole = lambda v: "–" if np.isnan(v) else f"{v:.2f}"   # not run without --whole
   for r in rows:
     n = r["n_colour+shape"]
@@ -219,7 +226,9 @@ def main(argv):
                  f"| {r['contrast_colour+shape']:.2f} "
                  f"| {r['auc_A_colour']:.2f} "
                  f"| {r['auc_B_colour']:.2f} | {r['pixel_auc_A_colour+shape']:.2f} / "
-                 f"{r['pixel_auc_B_colour+shape']:.2f} |")
+                 f"{r['pixel_auc_B_colour+shape']:.2f} "
+                 f"| {r['caption_auc_colour+shape']:.2f} / "
+                 f"{r['caption-words_auc_colour+shape']:.2f} |")
 
   def mean_se(key):
     v = np.array([r[key] for r in rows] if not isinstance(key, tuple) else
@@ -232,7 +241,9 @@ def main(argv):
             f"| {mean_se('auc_swapped_colour+shape') if _SWAPPED.value else '–'} "
             f"| {mean_se('effect_colour+shape')} | {mean_se('contrast_colour+shape')} "
             f"| {mean_se('auc_A_colour')} | {mean_se('auc_B_colour')} "
-            f"| {mean_se(('pixel_auc_A_colour+shape', 'pixel_auc_B_colour+shape'))} |", "",
+            f"| {mean_se(('pixel_auc_A_colour+shape', 'pixel_auc_B_colour+shape'))} "
+            f"| {mean_se('caption_auc_colour+shape')} / "
+            f"{mean_se('caption-words_auc_colour+shape')} |", "",
             f"Scenes where both regions rank their own object's items first (AUC > 0.5 for A "
             f"and for B): {both} of {len(rows)}. Mean AUC over both regions: "
             f"{mean_se(('auc_A_colour+shape', 'auc_B_colour+shape'))} ({method}), "
